@@ -1,0 +1,239 @@
+"""Fused attention: ``scaled_dot_product_attention`` (torch's drop-in) and ``attention`` (FlashAttention-style).
+
+The Triton path is two ``torch.library`` custom ops (``tlv_fast::attention_fwd`` / ``tlv_fast::attention_bwd``) with
+fake implementations and registered autograd, so ``torch.compile`` sees one opaque node and no graph break.
+"""
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from .._dispatch import choose, triton_device_reasons
+
+_CAUSAL = ("none", "top_left", "bottom_right")
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+_seed_recorders = []  # lists that tlv_fast.testing.record_dropout_seeds() appends the drawn seed tensors to
+
+
+def _kernels():
+    from ..kernels import attention as kernels  # lazy: importing triton costs ~1 s and reads TRITON_INTERPRET
+    return kernels
+
+
+def _empty_layout(like, shape, dtype=None):
+    """Uninitialised tensor of `shape` whose first three dims are ordered in memory as `like`'s, last dim dense
+    (a BSHD tensor viewed as BHSD gives a BSHD-ordered result, as torch's SDPA does)."""
+    order = sorted(range(3), key=lambda i: (-like.stride(i), i)) + [3]
+    return torch.empty_permuted(shape, order, dtype=dtype or like.dtype, device=like.device)
+
+
+def _causal_offset(causal, n_q, n_k):
+    return {"none": None, "top_left": 0, "bottom_right": n_k - n_q}[causal]
+
+
+@torch.library.custom_op("tlv_fast::attention_fwd", mutates_args=())
+def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], seed: Optional[Tensor],
+                   scale: float, causal: str, dropout_p: float, precision: str) -> tuple[Tensor, Tensor]:
+    B, H, n_q, _ = q.shape
+    n_k, dv = k.shape[2], v.shape[3]
+    out = _empty_layout(q, (B, H, n_q, dv))
+    lse = torch.empty((B, H, n_q), device=q.device, dtype=torch.float32)
+    if out.numel() == 0 or n_k == 0:  # no keys: every row is empty -> 0, lse -inf
+        return out.zero_(), lse.fill_(float("-inf"))
+    mask = attn_mask.expand(B, H, n_q, n_k) if attn_mask is not None else None
+    _kernels().attention_fwd(q, k, v, out, lse, mask, seed, scale, _causal_offset(causal, n_q, n_k), dropout_p,
+                             precision)
+    return out, lse
+
+
+@_attention_fwd.register_fake
+def _(q, k, v, attn_mask, seed, scale, causal, dropout_p, precision):
+    B, H, n_q, _ = q.shape
+    return _empty_layout(q, (B, H, n_q, v.shape[3])), q.new_empty((B, H, n_q), dtype=torch.float32)
+
+
+@torch.library.custom_op("tlv_fast::attention_bwd", mutates_args=())
+def _attention_bwd(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                   attn_mask: Optional[Tensor], seed: Optional[Tensor], scale: float, causal: str,
+                   dropout_p: float, precision: str, mask_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    B, H, n_q, _ = q.shape
+    n_k = k.shape[2]
+    dq, dk, dv = _empty_layout(q, q.shape), _empty_layout(k, k.shape), _empty_layout(v, v.shape)
+    dmask = torch.zeros((B, H, n_q, n_k), device=q.device, dtype=torch.float32) if mask_grad else None
+    if q.numel() and k.numel():
+        mask = attn_mask.expand(B, H, n_q, n_k) if attn_mask is not None else None
+        _kernels().attention_bwd(dout, dlse, q, k, v, out, lse, dq, dk, dv, dmask, mask, seed, scale,
+                                 _causal_offset(causal, n_q, n_k), dropout_p, precision)
+    else:
+        dq.zero_(), dk.zero_(), dv.zero_()
+    if not mask_grad:
+        return dq, dk, dv, q.new_empty((0,))
+    # reduce over the dims the mask was broadcast along, in fp32, in a fixed order (deterministic)
+    return dq, dk, dv, dmask.sum_to_size(attn_mask.shape).to(attn_mask.dtype)
+
+
+@_attention_bwd.register_fake
+def _(dout, dlse, q, k, v, out, lse, attn_mask, seed, scale, causal, dropout_p, precision, mask_grad):
+    dmask = torch.empty_like(attn_mask, memory_format=torch.contiguous_format) if mask_grad else q.new_empty((0,))
+    return _empty_layout(q, q.shape), _empty_layout(k, k.shape), _empty_layout(v, v.shape), dmask
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, attn_mask, seed, scale, causal, dropout_p, precision = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], attn_mask, seed)
+    ctx.args = (scale, causal, dropout_p, precision)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, attn_mask, seed = ctx.saved_tensors
+    mask_grad = attn_mask is not None and ctx.needs_input_grad[3]
+    dq, dk, dv, dmask = torch.ops.tlv_fast.attention_bwd(dout, dlse, q, k, v, out, lse, attn_mask, seed,
+                                                         *ctx.args, mask_grad)
+    return dq, dk, dv, dmask if mask_grad else None, None, None, None, None, None
+
+
+_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _check(q, k, v, attn_mask, dropout_p, scale, gqa, fp32_precision):
+    """Validate the public arguments; return (q, k, v, mask) as 4-D (B, H, N, D) views and the output shape."""
+    for name, t in (("query", q), ("key", k), ("value", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.ndim < 2:
+            raise ValueError(f"{name} must have at least 2 dims (..., N, D), got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if t.dtype != q.dtype:
+            raise ValueError(f"query, key and value must share a dtype, got query {q.dtype} and {name} {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"query, key and value must share a device, got query on {q.device}, {name} on {t.device}")
+        if t.ndim != q.ndim:
+            raise ValueError(f"query, key and value must have the same number of dims, got query {q.ndim}-D and "
+                             f"{name} {t.ndim}-D")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"query and key must have the same head dim, got {q.shape[-1]} and {k.shape[-1]}")
+    if k.shape[-2] != v.shape[-2]:
+        raise ValueError(f"key and value must have the same length, got {k.shape[-2]} and {v.shape[-2]}")
+    if q.ndim >= 3:
+        if q.shape[:-3] != k.shape[:-3] or k.shape[:-3] != v.shape[:-3]:
+            raise ValueError(f"query, key and value must share batch dims, got {tuple(q.shape)}, "
+                             f"{tuple(k.shape)}, {tuple(v.shape)}")
+        hq, hk, hv = q.shape[-3], k.shape[-3], v.shape[-3]
+        if hk != hv:
+            raise ValueError(f"key and value must have the same number of heads, got {hk} and {hv}")
+        if hq != hk and not (gqa and hk > 0 and hq % hk == 0):
+            need = "a multiple of" if gqa else "equal to (or pass enable_gqa=True for a multiple of)"
+            raise ValueError(f"query heads ({hq}) must be {need} key/value heads ({hk})")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if scale is not None and not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number or None, got {scale}")
+    if fp32_precision not in ("ieee", "tf32"):
+        raise ValueError(f"fp32_precision must be 'ieee' or 'tf32', got {fp32_precision!r}")
+    out_shape = (*q.shape[:-1], v.shape[-1])
+    score_shape = (*q.shape[:-1], k.shape[-2])
+    if attn_mask is not None:
+        if not isinstance(attn_mask, Tensor):
+            raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+            raise ValueError(f"attn_mask must be bool (True = take part) or floating (additive), got {attn_mask.dtype}")
+        if attn_mask.device != q.device:
+            raise ValueError(f"attn_mask must be on the query's device {q.device}, got {attn_mask.device}")
+        try:
+            ok = torch.broadcast_shapes(attn_mask.shape, score_shape) == score_shape
+        except RuntimeError:
+            ok = False
+        if not ok:
+            raise ValueError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to the scores' shape "
+                             f"{score_shape} (..., heads, Nq, Nk)")
+    # to (B, H, N, D): (N, D) -> (1, 1, N, D); (H, N, D) -> (1, H, N, D); (b1, b2, ..., H, N, D) -> (b1*b2*..., ...)
+    if q.ndim < 4:
+        lead = (1,) * (4 - q.ndim)
+        q, k, v = q.view(*lead, *q.shape), k.view(*lead, *k.shape), v.view(*lead, *v.shape)
+    elif q.ndim > 4:
+        if attn_mask is not None:
+            attn_mask = attn_mask.expand(score_shape).reshape(-1, *score_shape[-3:])
+        q, k, v = (t.reshape(-1, *t.shape[-3:]) for t in (q, k, v))
+    return q, k, v, attn_mask, out_shape
+
+
+def _attention(q, k, v, attn_mask, dropout_p, causal, scale, gqa, return_lse, backend, fp32_precision, op):
+    q4, k4, v4, mask, out_shape = _check(q, k, v, attn_mask, dropout_p, scale, gqa, fp32_precision)
+    triton_reasons = triton_device_reasons(q.device)
+    if q.dtype not in _TRITON_DTYPES:
+        triton_reasons.append(f"dtype {q.dtype} (supported: float16, bfloat16, float32)")
+    if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
+        triton_reasons.append(f"head dim {max(q.shape[-1], v.shape[-1])} > {MAX_HEAD_DIM}")
+    preferred = ["triton", "reference"] if q.device.type == "cuda" else ["reference"]
+    chosen = choose(op, backend, {"triton": triton_reasons, "reference": []}, preferred)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if chosen == "reference":
+        out, lse = reference.attention(q4, k4, v4, mask, dropout_p, None if causal == "none" else causal, scale,
+                                       return_lse=True)
+    else:
+        seed = None
+        if dropout_p > 0.0:
+            seed = torch.randint(0, 2**31 - 1, (1,), device=q.device, dtype=torch.int64)
+            for rec in _seed_recorders:
+                rec.append(seed)
+        out, lse = torch.ops.tlv_fast.attention_fwd(q4, k4, v4, mask, seed, scale, causal, float(dropout_p),
+                                                    fp32_precision)
+    out = out.reshape(out_shape) if q.ndim != 4 else out
+    if return_lse:
+        return out, lse.reshape(out_shape[:-1]) if q.ndim != 4 else lse
+    return out
+
+
+def attention(q, k, v, causal=False, scale=None, attn_mask=None, dropout_p=0.0, return_lse=False, backend="auto",
+              *, fp32_precision="ieee"):
+    """Multi-head attention softmax(q k^T * scale + attn_mask) v with FlashAttention's conventions.
+
+    Args:
+        q: (B, Hq, Nq, D); k: (B, Hkv, Nk, D); v: (B, Hkv, Nk, Dv). Any strides (a (B, N, H, D) tensor
+            transposed to (B, H, N, D) is read in place). Hq must be a multiple of Hkv (GQA/MQA: query head h uses
+            kv head h // (Hq / Hkv), K and V are never repeated in memory). 3-D (H, N, D), 2-D (N, D) and >4-D
+            inputs work too (leading dims are batch). float16, bfloat16 or float32 for the Triton kernel; the
+            reference backend also takes float64. Head dims up to 256 (any value: padded inside the kernel).
+        causal: mask key j for query i when j > i + Nk - Nq: aligned to the bottom-right corner as in
+            FlashAttention >= 2.1, which is what a KV-cache decode step (Nq < Nk) needs. Rows with
+            i + Nk - Nq < 0 see no key and give 0.
+        scale: multiplier of q k^T; default 1 / sqrt(D).
+        attn_mask: None, bool (True = take part) or float (added to the scaled scores), broadcastable to
+            (B, Hq, Nq, Nk). Read in the kernel through its strides: a (B, 1, 1, Nk) key-padding mask costs no
+            Nq x Nk memory. A float mask that requires grad receives its gradient (summed over broadcast dims,
+            deterministically); that gradient is Nq x Nk per batch and head while it is formed.
+        dropout_p: dropout on the attention weights inside the kernel (Philox); the backward regenerates the same
+            mask. Seeds come from torch's generator on q's device, so torch.manual_seed reproduces a run. Apply
+            it in training only (this function does not know the module's mode).
+        return_lse: also return the natural-log logsumexp of each row's scaled, masked logits, (B, Hq, Nq) fp32
+            (-inf for a row with no visible key). Gradients flowing into it are honoured.
+        backend: "auto" (Triton on CUDA tensors, the reference elsewhere; env TLV_FAST_BACKEND overrides),
+            "triton" (CUDA, or CPU under TRITON_INTERPRET=1) or "reference" (eager, any device and dtype).
+        fp32_precision: float32 inputs: "ieee" (default; full-precision dots, like torch's default matmul) or
+            "tf32" (tensor-core TF32 dots, ~10-bit mantissa inputs, faster). Ignored for 16-bit inputs, whose dots
+            run on tensor cores with fp32 accumulation.
+
+    Returns:
+        out (B, Hq, Nq, Dv) in q's dtype, in the memory order of q's first three dims; with return_lse,
+        (out, lse). A row whose keys are all masked gives 0 and passes gradient 0, never NaN.
+    """
+    return _attention(q, k, v, attn_mask, dropout_p, "bottom_right" if causal else "none", scale, True,
+                      return_lse, backend, fp32_precision, "attention")
+
+
+def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                                 enable_gqa=False, *, backend="auto", fp32_precision="ieee"):
+    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention`` (same arguments and results).
+
+    ``is_causal`` is aligned top-left as in torch (key j visible to query i iff j <= i). Inputs are
+    (..., H, N, D) as in torch; with ``enable_gqa`` the query heads may be a multiple of the key/value heads.
+    Differences from torch: an ``attn_mask`` together with ``is_causal=True`` is allowed (both apply; torch
+    raises), and a row whose keys are all masked gives 0 (torch's math backend does the same, others may give NaN).
+    ``backend`` and ``fp32_precision`` are as in :func:`tlv_fast.attention`.
+    """
+    return _attention(query, key, value, attn_mask, dropout_p, "top_left" if is_causal else "none", scale,
+                      enable_gqa, False, backend, fp32_precision, "scaled_dot_product_attention")

@@ -1,0 +1,59 @@
+"""The one eager implementation of every tlv_fast op: test oracle, ``backend="reference"`` and the ``eager``
+benchmark provider. Plain PyTorch, readable over fast; it materialises whatever the math needs (N x N scores).
+
+Only torch is imported here (tests/test_layout.py checks it).
+"""
+import math
+
+import torch
+
+
+def attention(q, k, v, attn_mask=None, dropout_p=0.0, causal=None, scale=None, return_lse=False,
+              dropout_mask=None):
+    """softmax(q k^T * scale + mask) v, eagerly, for tensors (..., H, N, D) with any matching leading dims.
+
+    Args:
+        q: (..., Hq, Nq, D); k: (..., Hkv, Nk, D); v: (..., Hkv, Nk, Dv). Hq % Hkv == 0 (grouped-query
+            attention when they differ: query head h reads kv head h // (Hq / Hkv)).
+        attn_mask: None, bool (True = take part) or additive float, broadcastable to (..., Hq, Nq, Nk).
+        dropout_p: probability of zeroing an attention weight (kept ones are scaled by 1 / (1 - p)).
+        causal: None, "top_left" (key j visible to query i iff j <= i, torch's is_causal) or "bottom_right"
+            (j <= i + Nk - Nq, FlashAttention's; the two agree when Nq == Nk).
+        scale: multiplier of q k^T; default 1 / sqrt(D).
+        return_lse: also return the natural-log logsumexp of each row's logits, (..., Hq, Nq) fp32.
+        dropout_mask: bool keep mask broadcastable to (..., Hq, Nq, Nk); replaces random dropout (tests).
+
+    Scores are formed in the input dtype, the softmax in fp32 (as eager attention usually is), the product with
+    v in the input dtype. A row in which every key is masked gives output 0, gradient 0 and lse -inf.
+    """
+    d = q.shape[-1]
+    n_q, n_k = q.shape[-2], k.shape[-2]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    group = q.shape[-3] // k.shape[-3]
+    if group != 1:
+        k = k.repeat_interleave(group, dim=-3)
+        v = v.repeat_interleave(group, dim=-3)
+    scores = (q @ k.transpose(-2, -1)) * scale  # (..., Hq, Nq, Nk)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask.to(scores.dtype)
+    if causal is not None:
+        offset = {"top_left": 0, "bottom_right": n_k - n_q}[causal]
+        i = torch.arange(n_q, device=q.device)[:, None]
+        j = torch.arange(n_k, device=q.device)[None, :]
+        scores = scores.masked_fill(j > i + offset, float("-inf"))
+    scores = scores.float()
+    # rows with no visible key: softmax of a finite stand-in, then zeroed (no NaN in values or gradients)
+    empty = torch.isneginf(scores).all(dim=-1, keepdim=True)
+    scores = scores.masked_fill(empty, 0.0)
+    p = torch.softmax(scores, dim=-1).masked_fill(empty, 0.0)
+    lse = torch.logsumexp(scores, dim=-1).masked_fill(empty.squeeze(-1), float("-inf"))
+    p = p.to(q.dtype)
+    if dropout_mask is not None:
+        p = p * dropout_mask / (1.0 - dropout_p)
+    elif dropout_p > 0.0:
+        p = torch.nn.functional.dropout(p, dropout_p)
+    out = p @ v
+    return (out, lse) if return_lse else out
