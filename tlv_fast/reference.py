@@ -23,8 +23,8 @@ def attention(q, k, v, attn_mask=None, dropout_p=0.0, causal=None, scale=None, r
         return_lse: also return the natural-log logsumexp of each row's logits, (..., Hq, Nq) fp32.
         dropout_mask: bool keep mask broadcastable to (..., Hq, Nq, Nk); replaces random dropout (tests).
 
-    Scores are formed in the input dtype, the softmax in fp32 (as eager attention usually is), the product with
-    v in the input dtype. A row in which every key is masked gives output 0, gradient 0 and lse -inf.
+    Scores are formed in the input dtype, the softmax in fp32 for 16-bit inputs (as eager attention usually is)
+    and in the input dtype otherwise, the product with v in the input dtype. A row in which every key is masked gives output 0, gradient 0 and lse -inf.
     """
     d = q.shape[-1]
     n_q, n_k = q.shape[-2], k.shape[-2]
@@ -44,7 +44,8 @@ def attention(q, k, v, attn_mask=None, dropout_p=0.0, causal=None, scale=None, r
         i = torch.arange(n_q, device=q.device)[:, None]
         j = torch.arange(n_k, device=q.device)[None, :]
         scores = scores.masked_fill(j > i + offset, float("-inf"))
-    scores = scores.float()
+    if scores.dtype in (torch.float16, torch.bfloat16):
+        scores = scores.float()
     # rows with no visible key: softmax of a finite stand-in, then zeroed (no NaN in values or gradients)
     empty = torch.isneginf(scores).all(dim=-1, keepdim=True)
     scores = scores.masked_fill(empty, 0.0)

@@ -4,6 +4,7 @@ The Triton path is two ``torch.library`` custom ops (``tlv_fast::attention_fwd``
 fake implementations and registered autograd, so ``torch.compile`` sees one opaque node and no graph break.
 """
 import math
+import os
 from typing import Optional
 
 import torch
@@ -16,6 +17,7 @@ _CAUSAL = ("none", "top_left", "bottom_right")
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 _seed_recorders = []  # lists that tlv_fast.testing.record_dropout_seeds() appends the drawn seed tensors to
+_POISON = os.environ.get("TLV_FAST_POISON", "0") == "1"  # tests: fill kernel outputs with NaN before launch
 
 
 def _kernels():
@@ -27,7 +29,8 @@ def _empty_layout(like, shape, dtype=None):
     """Uninitialised tensor of `shape` whose first three dims are ordered in memory as `like`'s, last dim dense
     (a BSHD tensor viewed as BHSD gives a BSHD-ordered result, as torch's SDPA does)."""
     order = sorted(range(3), key=lambda i: (-like.stride(i), i)) + [3]
-    return torch.empty_permuted(shape, order, dtype=dtype or like.dtype, device=like.device)
+    out = torch.empty_permuted(shape, order, dtype=dtype or like.dtype, device=like.device)
+    return out.fill_(float("nan")) if _POISON else out
 
 
 def _causal_offset(causal, n_q, n_k):
@@ -40,7 +43,9 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor],
     B, H, n_q, _ = q.shape
     n_k, dv = k.shape[2], v.shape[3]
     out = _empty_layout(q, (B, H, n_q, dv))
-    lse = torch.empty((B, H, n_q), device=q.device, dtype=torch.float32)
+    lse = torch.empty((B, H, n_q), device=q.device, dtype=torch.float32)  # contiguous: the kernels index it so
+    if _POISON:
+        lse.fill_(float("nan"))
     if out.numel() == 0 or n_k == 0:  # no keys: every row is empty -> 0, lse -inf
         return out.zero_(), lse.fill_(float("-inf"))
     mask = attn_mask.expand(B, H, n_q, n_k) if attn_mask is not None else None
