@@ -1,7 +1,7 @@
 """Testing hooks: see inside the kernels' randomness so tests can compare against the reference exactly."""
 import contextlib
 
-from .ops import attention as _attention_ops
+from .ops.attention import _kernels, _seed_recorders
 
 
 @contextlib.contextmanager
@@ -13,11 +13,11 @@ def record_dropout_seeds():
     >>> keep = dropout_keep_mask(seeds[0], q.shape[0], q.shape[1], q.shape[2], k.shape[2], 0.1)
     """
     seeds = []
-    _attention_ops._seed_recorders.append(seeds)
+    _seed_recorders.append(seeds)
     try:
         yield seeds
     finally:
-        _attention_ops._seed_recorders.remove(seeds)
+        _seed_recorders.remove(seeds)
 
 
 def dropout_keep_mask(seed, batch, heads, n_q, n_k, dropout_p):
@@ -25,4 +25,4 @@ def dropout_keep_mask(seed, batch, heads, n_q, n_k, dropout_p):
 
     Pass it as ``dropout_mask`` to ``tlv_fast.reference.attention`` to reproduce the kernel's dropout exactly.
     """
-    return _attention_ops._kernels().dropout_keep_mask(seed, batch, heads, n_q, n_k, dropout_p)
+    return _kernels().dropout_keep_mask(seed, batch, heads, n_q, n_k, dropout_p)
