@@ -125,3 +125,15 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _fixed_tiles_on_gpu(request):
+    """On a GPU, tests not marked `gpu` run one fixed tile: autotuning would compile ~20 configs per kernel variant.
+    The `-m gpu` tests run the autotuned kernels users get."""
+    if HAS_CUDA and "gpu" not in request.keywords:
+        from tlv_fast.kernels import attention as kernels
+        with kernels.force_blocks(32, 32):
+            yield
+    else:
+        yield

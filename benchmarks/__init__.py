@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m benchmarks` (runner) and pytest-benchmark tests (`pytest benchmarks -m gpu`)."""

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The one prepared GPU check for a lent machine, under 5 minutes: install, `pytest -m gpu`, quick benchmarks.
+# Everything lands under $OUT (summary.txt first). Run from anywhere:  OUT=/some/dir bash benchmarks/gpu_check.sh
+# Stage budgets (seconds) leave a margin inside 300: install 30, tests 110, milestone 110, models 45.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$(mktemp -d)}
+mkdir -p "$OUT"
+summary="$OUT/summary.txt"
+stage() {  # stage NAME SECONDS COMMAND...
+  local name=$1 secs=$2; shift 2
+  local t0=$SECONDS
+  timeout "$secs" "$@" > "$OUT/$name.txt" 2>&1
+  local rc=$?
+  echo "$(date -u +%FT%TZ) $name rc=$rc $((SECONDS - t0))s" | tee -a "$summary"
+  tail -n 3 "$OUT/$name.txt" | sed 's/^/    /' | tee -a "$summary"
+}
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  python3 -c "import sys, torch, triton; print(sys.version.split()[0], torch.__version__, triton.__version__)"
+  git rev-parse --short HEAD 2>/dev/null; } > "$OUT/env.txt" 2>&1
+cat "$OUT/env.txt" | tee -a "$summary"
+stage install 30 python3 -m pip install --no-deps --no-build-isolation -e .
+stage pytest_gpu 110 python3 -m pytest -q -m gpu -x tests -p no:cacheprovider
+export TRITON_PRINT_AUTOTUNING=1  # record the chosen tiles next to the numbers
+stage bench_milestone 110 python3 -m benchmarks attention --preset milestone --out "$OUT"
+stage bench_models 45 python3 -m benchmarks attention --preset models --providers tlv_fast,sdpa-flash,sdpa-cudnn,sdpa-efficient --out "$OUT"
+echo "results in $OUT" | tee -a "$summary"

@@ -1,0 +1,32 @@
+"""The benchmark runner works end to end on this machine (on a CPU: the smoke preset, which is not speed)."""
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import HAS_CUDA
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the GPU runner is exercised by benchmarks/gpu_check.sh")
+def test_runner_smoke_writes_table_csv_and_png(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TLV_FAST_POISON")}
+    res = subprocess.run([sys.executable, "-m", "benchmarks", "attention", "--out", str(tmp_path)],
+                         capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "NOT SPEED" in res.stdout and "TFLOP/s" in res.stdout
+    rows = list(csv.DictReader(open(tmp_path / "attention-smoke-bf16-cpu.csv")))
+    assert {r["provider"] for r in rows} == {"eager", "tlv_fast", "sdpa"}
+    assert all(r["status"] == "ok" and float(r["ms"]) > 0 for r in rows)
+    assert all(float(r["max_err"]) < 0.05 for r in rows)  # every provider computed attention
+    assert (tmp_path / "attention-smoke-bf16-cpu.png").stat().st_size > 1000
+
+
+def test_flop_convention():
+    from benchmarks.attention import Case
+    c = Case("x", 4, 16, 4096, 4096, 128)
+    assert c.flops() == 4 * 4 * 16 * 4096 * 4096 * 128
+    assert Case("x", 4, 16, 4096, 4096, 128, causal=True, mode="fwd+bwd").flops() == c.flops() * 0.5 * 3.5

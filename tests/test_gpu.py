@@ -1,0 +1,91 @@
+"""GPU-only checks at real sizes (`pytest -m gpu`): the compiled, autotuned kernels against the fp64 reference,
+bf16 on tensor cores, determinism, no N x N memory for key-padding masks, torch.compile with inductor."""
+import pytest
+import torch
+
+import tlv_fast
+from tlv_fast.testing import dropout_keep_mask, record_dropout_seeds
+
+from conftest import compare_with_reference, make_qkv
+
+pytestmark = pytest.mark.gpu
+DTYPES = [torch.bfloat16, torch.float16]
+
+
+def _run(causal=False, **kw):
+    def run(q, k, v, mask):
+        return tlv_fast.attention(q, k, v, causal=causal, attn_mask=mask, return_lse=True, backend="triton", **kw)
+    return run
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_real_sizes_match_reference(causal, d, dtype):
+    q, k, v = make_qkv(2, 4, 1025, 1025, d, dtype=dtype)
+    compare_with_reference(q, k, v, causal="bottom_right" if causal else None, run=_run(causal))
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 197, 197, 64), (1, 8, 300, 1100, 80), (1, 8, 1, 4097, 128),
+                                   (4, 8, 320, 320, 16), (1, 2, 513, 257, 256)], ids=str)
+def test_model_shapes_bf16(shape):
+    B, H, nq, nk, d = shape
+    q, k, v = make_qkv(B, H, nq, nk, d, dtype=torch.bfloat16, layout="bshd")
+    compare_with_reference(q, k, v, causal="bottom_right", run=_run(True))
+
+
+def test_keypad_gqa_dropout_and_float_bias():
+    q, k, v = make_qkv(2, 8, 512, 512, 64, Hkv=2, dtype=torch.bfloat16)
+    lengths = torch.tensor([512, 301], device="cuda")
+    pad = (torch.arange(512, device="cuda")[None] < lengths[:, None])[:, None, None, :]
+    compare_with_reference(q, k, v, attn_mask=pad, run=_run())
+    bias = torch.randn(1, 8, 512, 512, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    compare_with_reference(q, k, v, attn_mask=bias, causal="bottom_right", run=_run(True))
+    torch.manual_seed(1)
+    with record_dropout_seeds() as seeds:
+        tlv_fast.attention(q.detach(), k.detach(), v.detach(), dropout_p=0.1, backend="triton")
+    keep = dropout_keep_mask(seeds[0], 2, 8, 512, 512, 0.1)
+
+    def run(q, k, v, mask):
+        torch.manual_seed(1)
+        return tlv_fast.attention(q, k, v, dropout_p=0.1, return_lse=True, backend="triton")
+    compare_with_reference(q, k, v, dropout_p=0.1, dropout_mask=keep, run=run)
+
+
+def test_backward_is_deterministic():
+    q, k, v = make_qkv(2, 8, 777, 777, 64, Hkv=2, dtype=torch.bfloat16)
+    bias = torch.randn(1, 8, 777, 777, device="cuda", dtype=torch.float32).requires_grad_()
+    grads = []
+    for _ in range(2):
+        torch.manual_seed(0)  # same dropout seed both times
+        out = tlv_fast.attention(q, k, v, causal=True, attn_mask=bias, dropout_p=0.1, backend="triton")
+        grads.append(torch.autograd.grad(out, (q, k, v, bias), torch.ones_like(out)))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+def test_key_padding_mask_costs_no_quadratic_memory():
+    B, H, N, D = 4, 16, 8192, 64
+    q, k, v = make_qkv(B, H, N, N, D, dtype=torch.bfloat16, requires_grad=False)
+    pad = torch.ones(B, 1, 1, N, dtype=torch.bool, device="cuda")
+    pad[:, :, :, N // 2:] = False
+    tlv_fast.attention(q, k, v, attn_mask=pad, backend="triton")  # autotune outside the measurement
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    tlv_fast.attention(q, k, v, attn_mask=pad, backend="triton")
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    out_bytes = q.numel() * q.element_size() + B * H * N * 4  # out + lse
+    assert extra <= out_bytes * 1.1, f"{extra / 2**20:.0f} MiB beyond the inputs (N x N would be {B * H * N * N * 2 / 2**30:.0f} GiB)"
+
+
+def test_inductor_compile_fullgraph():
+    model = torch.nn.Linear(64, 3 * 64).cuda().to(torch.bfloat16)
+
+    def f(x):
+        q, k, v = model(x).view(2, 128, 3, 4, 16).permute(2, 0, 3, 1, 4)
+        return tlv_fast.attention(q, k, v, causal=True).sum()
+    x = torch.randn(2, 128, 64, device="cuda", dtype=torch.bfloat16)
+    compiled = torch.compile(f, fullgraph=True)
+    torch.testing.assert_close(compiled(x), f(x), atol=1e-1, rtol=2e-2)
