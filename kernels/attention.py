@@ -164,6 +164,7 @@ def _attn_fwd_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,
     H, N_Q, N_K, GQA_GROUP, sm_scale, causal_offset, dropout_p, Q_BUCKET, K_BUCKET,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    CHECK_D: tl.constexpr, CHECK_DV: tl.constexpr,  # head dims padded up to their tiles
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_BCAST: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
@@ -179,8 +180,6 @@ def _attn_fwd_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    CHECK_D: tl.constexpr = HEAD_DIM != BLOCK_D
-    CHECK_DV: tl.constexpr = HEAD_DIM_V != BLOCK_DV
 
     q_base = Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
@@ -337,6 +336,7 @@ def _attn_bwd_dkdv_kernel(
     stride_dmb, stride_dmh, stride_dmm, stride_dmn,
     H, N_Q, N_K, GQA_GROUP, sm_scale, causal_offset, dropout_p, Q_BUCKET, K_BUCKET,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    CHECK_D: tl.constexpr, CHECK_DV: tl.constexpr,  # head dims padded up to their tiles
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_BCAST: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     STORE_DMASK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
@@ -354,8 +354,6 @@ def _attn_bwd_dkdv_kernel(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    CHECK_D: tl.constexpr = HEAD_DIM != BLOCK_D
-    CHECK_DV: tl.constexpr = HEAD_DIM_V != BLOCK_DV
 
     k = _load_tile(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh, offs_n, offs_d,
                    stride_kn, stride_kd, N_K, HEAD_DIM, not EVEN_N, CHECK_D)  # (N, D)
@@ -453,6 +451,7 @@ def _attn_bwd_dq_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,
     H, N_Q, N_K, GQA_GROUP, sm_scale, causal_offset, dropout_p, Q_BUCKET, K_BUCKET,
     HEAD_DIM: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    CHECK_D: tl.constexpr, CHECK_DV: tl.constexpr,  # head dims padded up to their tiles
     IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, MASK_BCAST: tl.constexpr, HAS_DROPOUT: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr,
@@ -468,8 +467,6 @@ def _attn_bwd_dq_kernel(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    CHECK_D: tl.constexpr = HEAD_DIM != BLOCK_D
-    CHECK_DV: tl.constexpr = HEAD_DIM_V != BLOCK_DV
 
     q = _load_tile(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh, offs_m, offs_d,
                    stride_qm, stride_qd, N_Q, HEAD_DIM, not EVEN_M, CHECK_D)
@@ -640,6 +637,7 @@ def _common_args(q, k, v, mask, seed, sm_scale, causal_offset, dropout_p, precis
         causal_offset=int(causal_offset or 0), dropout_p=float(dropout_p),
         Q_BUCKET=_bucket(n_q), K_BUCKET=_bucket(n_k),
         HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_D=block_dim(d), BLOCK_DV=block_dim(dv),
+        CHECK_D=d != block_dim(d), CHECK_DV=dv != block_dim(dv),
         IS_CAUSAL=causal_offset is not None, MASK_KIND=kind, MASK_BCAST=bcast, HAS_DROPOUT=dropout_p > 0.0,
         PRECISION="tf32" if (precision == "tf32" and q.dtype == torch.float32) else "ieee",
         UPCAST=INTERPRET and q.dtype == torch.bfloat16,

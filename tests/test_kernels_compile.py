@@ -26,7 +26,8 @@ def _compile(cases):
 
 
 def _variant(d, causal=True, mask_kind=ka.MASK_FLOAT, bcast=0, dropout=True, precision="ieee", even=False):
-    return dict(HEAD_DIM=d, HEAD_DIM_V=d, BLOCK_D=ka.block_dim(d), BLOCK_DV=ka.block_dim(d), IS_CAUSAL=causal,
+    return dict(HEAD_DIM=d, HEAD_DIM_V=d, BLOCK_D=ka.block_dim(d), BLOCK_DV=ka.block_dim(d),
+                CHECK_D=d != ka.block_dim(d), CHECK_DV=d != ka.block_dim(d), IS_CAUSAL=causal,
                 MASK_KIND=mask_kind, MASK_BCAST=bcast, HAS_DROPOUT=dropout, PRECISION=precision, UPCAST=False,
                 EVEN_M=even, EVEN_N=even)
 
