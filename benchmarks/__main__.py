@@ -46,7 +46,9 @@ def main(argv=None):
     for case in cases:
         for prov in providers:
             rows.append(attention.run_case(case, prov, DTYPES[args.dtype], device, bench_ms))
-            progress.step(f"{case.name} {case.mode} {prov}: {rows[-1]['status']}")
+            r = rows[-1]
+            progress.step(f"{case.name} {case.mode} {prov}: " + (
+                f"{r['ms']:.3f} ms {r['tflops']:.1f} TFLOP/s" if r["status"] == "ok" else r["status"]))
 
     for metric in ("tflops", "ms"):
         table = []

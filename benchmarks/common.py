@@ -42,11 +42,10 @@ class Progress:
         self.total, self.done, self.label, self.t0 = total, 0, label, time.time()
 
     def step(self, what):
+        """One line per finished measurement (a log cut short by a timeout keeps every result so far)."""
         self.done += 1
-        sys.stderr.write(f"\r[{self.label}] {self.done}/{self.total} {what[:70]:<70} {time.time() - self.t0:6.0f}s")
-        sys.stderr.flush()
-        if self.done == self.total:
-            sys.stderr.write("\n")
+        print(f"[{self.label} {self.done}/{self.total} {time.time() - self.t0:5.0f}s] {what}", file=sys.stderr,
+              flush=True)
 
 
 def print_table(rows, columns, title):
