@@ -8,7 +8,8 @@ Conventions inside the kernels
 - ``lse`` is stored in natural log, (B, H, Nq) fp32; a row with no visible key has lse = -inf and output 0;
 - causal masking keeps key j for query i iff j <= i + causal_offset (0: top-left, Nk - Nq: bottom-right);
 - dropout keeps entry (b, h, i, j) iff philox(seed | (b*H + h) << 32, i*Nk + j) >= p; forward, backward and
-  ``dropout_keep_mask`` (the testing hook) call the same ``_dropout_keep``.
+  ``dropout_keep_mask`` (the testing hook) call the same ``_dropout_keep``. The counter is 32-bit: streams repeat
+  within one (batch, head) only beyond 2^32 query-key pairs (Nq = Nk > 65536).
 """
 import contextlib
 import os
@@ -17,11 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634  # 1 / ln 2
-LN2 = 0.6931471805599453  # ln 2
-
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-MAX_HEAD_DIM = 256
 MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
 
 
@@ -584,31 +581,27 @@ _DKDV_CONFIGS = _configs([(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (32,
 _DQ_CONFIGS = _configs([(128, 32, 8, 3), (128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3),
                         (16, 64, 4, 3)])
 
+_TUNED = {}  # kernel -> its autotuned wrapper (GPU only: the interpreter runs one fixed tile)
 if not INTERPRET:
-    _fwd_tuned = triton.autotune(
-        _FWD_CONFIGS, key=_TUNE_KEY,
-        prune_configs_by={"early_config_prune": _prune(lambda m, n: m, lambda m, n: n,
-                                                       lambda m, n, d, dv: n * (d + dv))})(_attn_fwd_kernel)
-    _dkdv_tuned = triton.autotune(
-        _DKDV_CONFIGS, key=_TUNE_KEY + ["STORE_DMASK"],
-        prune_configs_by={"early_config_prune": _prune(lambda m, n: m, lambda m, n: n,
-                                                       lambda m, n, d, dv: m * (d + dv))})(_attn_bwd_dkdv_kernel)
-    _dq_tuned = triton.autotune(
-        _DQ_CONFIGS, key=_TUNE_KEY,
-        prune_configs_by={"early_config_prune": _prune(lambda m, n: m, lambda m, n: n,
-                                                       lambda m, n, d, dv: n * (d + dv))})(_attn_bwd_dq_kernel)
+    for _kernel, _configs_list, _key, _operands in [
+        (_attn_fwd_kernel, _FWD_CONFIGS, _TUNE_KEY, lambda m, n, d, dv: n * (d + dv)),
+        (_attn_bwd_dkdv_kernel, _DKDV_CONFIGS, _TUNE_KEY + ["STORE_DMASK"], lambda m, n, d, dv: m * (d + dv)),
+        (_attn_bwd_dq_kernel, _DQ_CONFIGS, _TUNE_KEY, lambda m, n, d, dv: n * (d + dv)),
+    ]:
+        _TUNED[_kernel] = triton.autotune(_configs_list, key=_key, prune_configs_by={
+            "early_config_prune": _prune(lambda m, n: m, lambda m, n: n, _operands)})(_kernel)
+    del _kernel, _configs_list, _key, _operands
 
 
-def _launch(kernel, tuned_name, grid_rows, n_programs_other, args):
-    """Launch `kernel` over cdiv(grid_rows, BLOCK) * n_programs_other programs (1-D grid, no 65535 limit)."""
-    axis = "BLOCK_N" if tuned_name == "_dkdv_tuned" else "BLOCK_M"
+def _launch(kernel, grid_rows, grid_axis, n_programs_other, args):
+    """Launch over cdiv(grid_rows, args[grid_axis]) * n_programs_other programs (1-D grid: no 65535 limit)."""
     if INTERPRET or _FORCED_BLOCKS:
         bm, bn, warps, stages = _FORCED_BLOCKS[-1] if _FORCED_BLOCKS else (*_INTERPRET_BLOCKS, 1, 1)
         blocks = {"BLOCK_M": bm, "BLOCK_N": bn}
-        grid = (triton.cdiv(grid_rows, blocks[axis]) * n_programs_other,)
-        kernel[grid](**args, **blocks, num_warps=warps, num_stages=stages)
+        kernel[(triton.cdiv(grid_rows, blocks[grid_axis]) * n_programs_other,)](
+            **args, **blocks, num_warps=warps, num_stages=stages)
     else:
-        globals()[tuned_name][lambda meta: (triton.cdiv(grid_rows, meta[axis]) * n_programs_other,)](**args)
+        _TUNED[kernel][lambda meta: (triton.cdiv(grid_rows, meta[grid_axis]) * n_programs_other,)](**args)
 
 
 def _mask_args(mask, q):
@@ -656,7 +649,7 @@ def attention_fwd(q, k, v, out, lse, mask=None, seed=None, sm_scale=1.0, causal_
     args = _common_args(q, k, v, mask, seed, sm_scale, causal_offset, dropout_p, precision)
     args.update(Out=out, Lse=lse, stride_ob=out.stride(0), stride_oh=out.stride(1), stride_om=out.stride(2),
                 stride_od=out.stride(3))
-    _launch(_attn_fwd_kernel, "_fwd_tuned", n_q, B * H, args)
+    _launch(_attn_fwd_kernel, n_q, "BLOCK_M", B * H, args)
     return out, lse
 
 
@@ -683,13 +676,13 @@ def attention_bwd(do, dlse, q, k, v, out, lse, dq, dk, dv, dmask=None, mask=None
                   stride_dom=do.stride(2), stride_dod=do.stride(3))
     store_dmask = dmask is not None
     dm = dmask if store_dmask else delta.new_empty((1, 1, 1, 1))
-    _launch(_attn_bwd_dkdv_kernel, "_dkdv_tuned", n_k, B * k.shape[1], dict(
+    _launch(_attn_bwd_dkdv_kernel, n_k, "BLOCK_N", B * k.shape[1], dict(
         common, DK=dk, DV=dv, DMask=dm,
         stride_dkb=dk.stride(0), stride_dkh=dk.stride(1), stride_dkn=dk.stride(2), stride_dkd=dk.stride(3),
         stride_dvb=dv.stride(0), stride_dvh=dv.stride(1), stride_dvn=dv.stride(2), stride_dvd=dv.stride(3),
         stride_dmb=dm.stride(0), stride_dmh=dm.stride(1), stride_dmm=dm.stride(2), stride_dmn=dm.stride(3),
         STORE_DMASK=store_dmask))
-    _launch(_attn_bwd_dq_kernel, "_dq_tuned", n_q, B * H, dict(
+    _launch(_attn_bwd_dq_kernel, n_q, "BLOCK_M", B * H, dict(
         common, DQ=dq,
         stride_dqb=dq.stride(0), stride_dqh=dq.stride(1), stride_dqm=dq.stride(2), stride_dqd=dq.stride(3)))
     return dq, dk, dv, dmask

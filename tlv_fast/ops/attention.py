@@ -13,7 +13,6 @@ from torch import Tensor
 from .. import reference
 from .._dispatch import choose, triton_device_reasons
 
-_CAUSAL = ("none", "top_left", "bottom_right")
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 _seed_recorders = []  # lists that tlv_fast.testing.record_dropout_seeds() appends the drawn seed tensors to
@@ -48,6 +47,8 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor],
         lse.fill_(float("nan"))
     if out.numel() == 0 or n_k == 0:  # no keys: every row is empty -> 0, lse -inf
         return out.zero_(), lse.fill_(float("-inf"))
+    if dropout_p > 0.0 and seed is None:
+        raise ValueError("attention_fwd: dropout_p > 0 needs a seed tensor")
     mask = attn_mask.expand(B, H, n_q, n_k) if attn_mask is not None else None
     _kernels().attention_fwd(q, k, v, out, lse, mask, seed, scale, _causal_offset(causal, n_q, n_k), dropout_p,
                              precision)
