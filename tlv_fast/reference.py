@@ -58,3 +58,66 @@ def attention(q, k, v, attn_mask=None, dropout_p=0.0, causal=None, scale=None, r
         p = torch.nn.functional.dropout(p, dropout_p)
     out = p @ v
     return (out, lse) if return_lse else out
+
+
+def _safe_logsumexp(x, dim):
+    """logsumexp over `dim`, and a bool mask of the slices with no finite entry (their lse is -inf; no NaN in
+    values or gradients)."""
+    empty = torch.isneginf(x).all(dim=dim, keepdim=True)
+    lse = torch.logsumexp(x.masked_fill(empty, 0.0), dim=dim, keepdim=True)
+    return lse.masked_fill(empty, float("-inf")).squeeze(dim), empty.squeeze(dim)
+
+
+def sinkhorn(scores, log_mu, log_nu, iters=10, order="col_first"):
+    """Entropic optimal transport in the log domain, unrolled: `iters` pairs of potential updates.
+
+    scores (..., M, N); log_mu (..., M), log_nu (..., N) log marginals. u = v = 0, then per iteration, in `order`
+    ("col_first": v first, as STTR; "row_first": u first, as SuperGlue):
+        v_j = log_nu_j - logsumexp_i(S_ij + u_i),   u_i = log_mu_i - logsumexp_j(S_ij + v_j).
+    Returns the log plan S + u_i + v_j. A row or column with no finite score keeps potential 0 (zero mass, no
+    NaN). Gradients are autograd through the unrolled loop.
+    """
+    u = torch.zeros_like(scores[..., :, 0])
+    v = torch.zeros_like(scores[..., 0, :])
+
+    def row(v):
+        lse, empty = _safe_logsumexp(scores + v[..., None, :], -1)
+        return torch.where(empty, 0.0, log_mu - lse)
+
+    def col(u):
+        lse, empty = _safe_logsumexp(scores + u[..., :, None], -2)
+        return torch.where(empty, 0.0, log_nu - lse)
+
+    for _ in range(iters):
+        if order == "col_first":
+            v = col(u)
+            u = row(v)
+        else:
+            u = row(v)
+            v = col(u)
+    return scores + u[..., :, None] + v[..., None, :]
+
+
+def dustbin_marginals(m, n, dtype=torch.float32, device=None):
+    """log marginals of the dustbin problem (SuperGlue, STTR): each of m rows / n columns carries 1/(m+n), the row
+    dustbin n/(m+n), the column dustbin m/(m+n). Returns (log_mu (m+1), log_nu (n+1))."""
+    norm = -math.log(m + n)
+    log_mu = torch.full((m + 1,), norm, dtype=dtype, device=device)
+    log_nu = torch.full((n + 1,), norm, dtype=dtype, device=device)
+    log_mu[-1] += math.log(n)
+    log_nu[-1] += math.log(m)
+    return log_mu, log_nu
+
+
+def optimal_transport(attn, phi, iters=10, order="col_first"):
+    """STTR's optimal-transport head: append a dustbin row and column filled with the scalar `phi`, run `iters`
+    log-domain Sinkhorn iterations with dustbin marginals, return the transport plan scaled so that every real row
+    sums to 1: T = exp(log plan + log(M + N)), shape (..., M+1, N+1). Masked scores are -inf (T = 0 there)."""
+    *batch, m, n = attn.shape
+    phi = phi.to(attn.dtype)
+    bins_col = phi.expand(*batch, m, 1)
+    bins_row = phi.expand(*batch, 1, n + 1)
+    scores = torch.cat([torch.cat([attn, bins_col], -1), bins_row], -2)
+    log_mu, log_nu = dustbin_marginals(m, n, attn.dtype, attn.device)
+    log_plan = sinkhorn(scores, log_mu.expand(*batch, m + 1), log_nu.expand(*batch, n + 1), iters, order)
+    return torch.exp(log_plan + math.log(m + n))

@@ -1,4 +1,5 @@
 """Public ops: autograd and torch.library registration over the kernels, with backend dispatch."""
 from .attention import attention, scaled_dot_product_attention
+from .sinkhorn import optimal_transport, sinkhorn
 
-__all__ = ["attention", "scaled_dot_product_attention"]
+__all__ = ["attention", "scaled_dot_product_attention", "sinkhorn", "optimal_transport"]

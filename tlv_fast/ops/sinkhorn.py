@@ -1,0 +1,172 @@
+"""Batched log-domain Sinkhorn and STTR's optimal-transport head on the csrc ops (``backend="cuda"``: C++ on CPU
+tensors, CUDA kernels on CUDA tensors), with the unrolled iterations' gradient computed in the kernels."""
+import math
+
+import torch
+from torch import Tensor
+
+from .. import _ext, reference
+from .._dispatch import choose
+
+_ORDERS = ("col_first", "row_first")
+_registered = False
+
+
+def _acc_dtype(dtype):
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _register():
+    """Fake implementations and autograd for the C++ ops (they exist once the library is loaded)."""
+    global _registered
+    if _registered:
+        return
+
+    @torch.library.register_fake("tlv_fast::sinkhorn_fwd")
+    def _(scores, log_mu, log_nu, bin_score, iters, col_first, exp_log_scale):
+        B, M, N = scores.shape
+        bins = int(bin_score is not None)
+        acc = _acc_dtype(scores.dtype)
+        return (scores.new_empty((B, M + bins, N + bins)), scores.new_empty((B, iters + 1, M + bins), dtype=acc),
+                scores.new_empty((B, iters + 1, N + bins), dtype=acc))
+
+    @torch.library.register_fake("tlv_fast::sinkhorn_bwd")
+    def _(grad, scores, log_mu, log_nu, bin_score, out, us, vs, col_first, exp_log_scale):
+        B, M, N = scores.shape
+        bins = int(bin_score is not None)
+        d_bin = torch.empty_like(bin_score) if bin_score is not None else scores.new_empty((0,))
+        return (scores.new_empty((B, M, N)), scores.new_empty((B, M + bins)), scores.new_empty((B, N + bins)),
+                d_bin)
+
+    def setup_context(ctx, inputs, output):
+        scores, log_mu, log_nu, bin_score, iters, col_first, exp_log_scale = inputs
+        out, us, vs = output
+        ctx.save_for_backward(scores, log_mu, log_nu, bin_score, out, us, vs)
+        ctx.args = (col_first, exp_log_scale)
+
+    def backward(ctx, grad_out, _grad_us, _grad_vs):  # the potentials are internal outputs: no gradient flows in
+        scores, log_mu, log_nu, bin_score, out, us, vs = ctx.saved_tensors
+        d_scores, d_mu, d_nu, d_bin = torch.ops.tlv_fast.sinkhorn_bwd(
+            grad_out, scores, log_mu, log_nu, bin_score, out, us, vs, *ctx.args)
+        return d_scores, d_mu, d_nu, d_bin if bin_score is not None else None, None, None, None
+
+    torch.library.register_autograd("tlv_fast::sinkhorn_fwd", backward, setup_context=setup_context)
+    _registered = True
+
+
+def _csrc_reasons(t):
+    """Why the csrc ("cuda") backend cannot run a tensor like `t` ([] when it can)."""
+    if t.device.type == "cpu":
+        reasons = _ext.compiler_reasons("cpu")
+        if t.dtype not in (torch.float32, torch.float64):
+            reasons.append(f"dtype {t.dtype} on CPU (float32, float64)")
+    elif t.device.type == "cuda":
+        reasons = _ext.compiler_reasons("cuda")
+        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            reasons.append(f"dtype {t.dtype}")
+    else:
+        reasons = [f"device type {t.device.type!r} (cpu, cuda)"]
+    return reasons
+
+
+def _run(op, scores3, log_mu2, log_nu2, bin_score, iters, col_first, exp_log_scale):
+    _ext.load("cuda" if scores3.device.type == "cuda" else "cpu")
+    _register()
+    return torch.ops.tlv_fast.sinkhorn_fwd(scores3, log_mu2, log_nu2, bin_score, iters, col_first,
+                                           exp_log_scale)[0]
+
+
+def _check_common(op, scores, iters, order):
+    if not isinstance(scores, Tensor):
+        raise TypeError(f"{op}: scores must be a torch.Tensor, got {type(scores).__name__}")
+    if scores.ndim < 2:
+        raise ValueError(f"{op}: scores must be (..., M, N), got shape {tuple(scores.shape)}")
+    if not scores.is_floating_point():
+        raise ValueError(f"{op}: scores must be floating point, got {scores.dtype}")
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+        raise ValueError(f"{op}: iters must be an int >= 1, got {iters!r}")
+    if order not in _ORDERS:
+        raise ValueError(f"{op}: order must be one of {_ORDERS}, got {order!r}")
+
+
+def sinkhorn(scores, log_mu, log_nu, iters=10, order="col_first", backend="auto"):
+    """Entropic optimal transport in the log domain for a batch of independent problems.
+
+    Args:
+        scores: (..., M, N) scores S (negative costs); -inf entries are excluded from the plan.
+        log_mu: (..., M) log row marginals; log_nu: (..., N) log column marginals (leading dims broadcast to the
+            scores').
+        iters: number of unrolled iteration pairs, from potentials u = v = 0.
+        order: "col_first" (v then u in each iteration, as STTR) or "row_first" (u then v, as SuperGlue).
+        backend: "auto" (csrc on CPU and CUDA tensors), "cuda" (csrc: C++ on CPU tensors, CUDA kernels on CUDA
+            tensors) or "reference" (the eager loop in tlv_fast.reference).
+
+    Each iteration computes v_j = log_nu_j - logsumexp_i(S_ij + u_i) and u_i = log_mu_i - logsumexp_j(S_ij + v_j)
+    in `order`; the result is the log plan S_ij + u_i + v_j, the same numbers (up to rounding) as autograd through
+    that Python loop, and so are the gradients with respect to scores, log_mu and log_nu. A row or column with no
+    finite score keeps potential 0 (no mass, no NaN). The backward replays the iterations from the stored
+    potentials (O(iters (M + N)) per problem) instead of keeping an autograd graph.
+
+    Returns:
+        (..., M, N) log plan, in the scores' dtype.
+    """
+    _check_common("sinkhorn", scores, iters, order)
+    *batch, m, n = scores.shape
+    for name, t, size in (("log_mu", log_mu, m), ("log_nu", log_nu, n)):
+        if not isinstance(t, Tensor) or t.dtype != scores.dtype or t.device != scores.device:
+            raise ValueError(f"sinkhorn: {name} must be a tensor of the scores' dtype {scores.dtype} and device "
+                             f"{scores.device}")
+        if t.ndim < 1 or t.shape[-1] != size:
+            raise ValueError(f"sinkhorn: {name} must be (..., {size}) for scores {tuple(scores.shape)}, got "
+                             f"{tuple(t.shape)}")
+        try:
+            torch.broadcast_shapes(t.shape[:-1], tuple(batch))
+        except RuntimeError:
+            raise ValueError(f"sinkhorn: {name} batch dims {tuple(t.shape[:-1])} do not broadcast to the scores' "
+                             f"{tuple(batch)}") from None
+    chosen = choose("sinkhorn", backend, {"cuda": _csrc_reasons(scores), "reference": []}, ["cuda", "reference"])
+    if chosen == "reference":
+        return reference.sinkhorn(scores, log_mu, log_nu, iters, order)
+    acc = _acc_dtype(scores.dtype)  # marginals and potentials of 16-bit problems are fp32
+    scores3 = scores.reshape(-1, m, n)
+    mu2 = log_mu.to(acc).expand(*batch, m).reshape(-1, m)
+    nu2 = log_nu.to(acc).expand(*batch, n).reshape(-1, n)
+    out = _run("sinkhorn", scores3, mu2, nu2, None, iters, order == "col_first", None)
+    return out.reshape(*batch, m, n)
+
+
+def optimal_transport(attn, phi, iters=10, backend="auto"):
+    """STTR's optimal-transport head (Li et al., 2021, §3.3; SuperGlue's dustbins).
+
+    Args:
+        attn: (..., M, N) raw matching scores (STTR: the last cross-attention layer's head-summed logits, -inf where
+            masked). M == N == W for STTR.
+        phi: the dustbin score, a scalar tensor (learnable: its gradient is computed) or a float.
+        iters: Sinkhorn iterations (columns first).
+        backend: as in :func:`sinkhorn`.
+
+    The scores are augmented with a dustbin row and column holding phi (in the kernel: the augmented matrix is never
+    formed in memory), the marginals are 1/(M+N) per pixel and N/(M+N), M/(M+N) for the dustbins, and the result is
+    the plan times M + N, T = exp(log plan + log(M + N)), so that every real row sums to 1.
+
+    Returns:
+        T (..., M+1, N+1), probabilities in attn's dtype.
+    """
+    _check_common("optimal_transport", attn, iters, "col_first")
+    *batch, m, n = attn.shape
+    if not isinstance(phi, Tensor):
+        phi = torch.tensor(float(phi), dtype=attn.dtype, device=attn.device)
+    if phi.numel() != 1:
+        raise ValueError(f"optimal_transport: phi must be a scalar, got shape {tuple(phi.shape)}")
+    if phi.device != attn.device:
+        raise ValueError(f"optimal_transport: phi must be on attn's device {attn.device}, got {phi.device}")
+    chosen = choose("optimal_transport", backend, {"cuda": _csrc_reasons(attn), "reference": []},
+                    ["cuda", "reference"])
+    if chosen == "reference":
+        return reference.optimal_transport(attn, phi.to(attn.dtype), iters)
+    acc = _acc_dtype(attn.dtype)
+    log_mu, log_nu = reference.dustbin_marginals(m, n, acc, attn.device)
+    b = math.prod(batch)
+    out = _run("optimal_transport", attn.reshape(-1, m, n), log_mu.expand(b, m + 1), log_nu.expand(b, n + 1),
+               phi.to(acc).reshape(()), iters, True, math.log(m + n))
+    return out.reshape(*batch, m + 1, n + 1)
