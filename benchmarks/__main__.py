@@ -3,8 +3,11 @@
     python -m benchmarks attention --preset milestone          # the issue's shape, every provider
     python -m benchmarks attention --preset sweep --dtype fp16  # N = 512..16384
     python -m benchmarks attention --preset models              # ViT / BERT / GPT-decode / STTR shapes
+    python -m benchmarks sinkhorn --preset h200 --dtype fp32    # 960 problems of 321 x 321, 10 iterations
+    python -m benchmarks sinkhorn --preset cpu --dtype fp32     # the C++ CPU path: 64 problems
 
-On a machine without CUDA it runs the tiny `smoke` preset and says that the numbers are not speed.
+Attention on a machine without CUDA runs the tiny `smoke` preset and says that the numbers are not speed. The
+Sinkhorn `cpu` preset measures the C++ CPU implementation, which is what runs on CPU tensors.
 """
 import argparse
 import os
@@ -12,45 +15,51 @@ import sys
 
 import torch
 
-from . import attention
+from . import attention, sinkhorn
 from .common import Progress, bench_ms, environment, plot, print_table, write_csv
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
+OPS = {"attention": attention, "sinkhorn": sinkhorn}
+UNITS = {"tflops": "TFLOP/s", "gbps": "GB/s against the one-read-one-write floor", "ms": "median ms"}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("op", nargs="?", default="attention", choices=["attention"])
-    p.add_argument("--preset", default=None, help="milestone (GPU default), sweep, models, smoke (CPU default)")
-    p.add_argument("--providers", default=None, help="comma-separated subset of " + ",".join(attention.PROVIDERS))
-    p.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+    p.add_argument("op", nargs="?", default="attention", choices=list(OPS))
+    p.add_argument("--preset", default=None, help="attention: milestone, sweep, models, smoke; "
+                                                  "sinkhorn: h200, cpu, sizes, smoke")
+    p.add_argument("--providers", default=None, help="comma-separated subset of the op's providers")
+    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default bf16 (attention), fp32 (sinkhorn)")
     p.add_argument("--out", default="bench_out", help="folder for the CSV and the PNG")
     args = p.parse_args(argv)
+    op = OPS[args.op]
+    dtype_name = args.dtype or ("fp32" if args.op == "sinkhorn" else "bf16")
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     env = environment()
-    preset = args.preset or ("milestone" if device == "cuda" else "smoke")
-    if device == "cpu":
-        print("No CUDA device: running the tiny smoke preset on the CPU. THESE NUMBERS ARE NOT SPEED; they only "
-              "show that the runner works (tlv_fast resolves to its reference backend on CPU tensors).")
-        preset = "smoke" if args.preset is None else preset
-    providers = args.providers.split(",") if args.providers else (
-        attention.PROVIDERS if device == "cuda" else attention.CPU_PROVIDERS)
-    cases = attention.presets(preset)
-    print(f"{args.op} / {preset} / {args.dtype} on {env['device']} (torch {env['torch']}, triton {env['triton']}, "
+    preset = args.preset or op.default_preset(device)
+    not_speed = device == "cpu" and args.op == "attention"
+    if not_speed:
+        print("No CUDA device: attention runs on the CPU. THESE NUMBERS ARE NOT SPEED; they only show that the "
+              "runner works (tlv_fast resolves to its reference backend on CPU tensors).")
+    providers = args.providers.split(",") if args.providers else (op.PROVIDERS if device == "cuda" else
+                                                                  op.CPU_PROVIDERS)
+    cases = op.presets(preset)
+    print(f"{args.op} / {preset} / {dtype_name} on {env['device']} (torch {env['torch']}, triton {env['triton']}, "
           f"{env['date']})")
 
     rows = []
     progress = Progress(len(cases) * len(providers), preset)
     for case in cases:
         for prov in providers:
-            rows.append(attention.run_case(case, prov, DTYPES[args.dtype], device, bench_ms))
-            r = rows[-1]
+            r = op.run_case(case, prov, DTYPES[dtype_name], device, bench_ms)
+            rows.append(r)
             progress.step(f"{case.name} {case.mode} {prov}: " + (
-                f"{r['ms']:.3f} ms {r['tflops']:.1f} TFLOP/s" if r["status"] == "ok" else r["status"]))
+                f"{r['ms']:.3f} ms {r[op.METRIC]:.1f} {UNITS[op.METRIC].split()[0]}" if r["status"] == "ok"
+                else r["status"]))
 
-    for metric in ("tflops", "ms"):
+    for metric in (op.METRIC, "ms"):
         table = []
         for case in cases:
             line = {"case": case.name, "mode": case.mode}
@@ -58,24 +67,23 @@ def main(argv=None):
                 if r["case"] == case.name and r["mode"] == case.mode:
                     line[r["provider"]] = r.get(metric) if r["status"] == "ok" else r["status"][:3]
             table.append(line)
-        print_table(table, ["case", "mode", *providers], f"{metric} ({'TFLOP/s' if metric == 'tflops' else 'median'})")
-    failed = [r for r in rows if r["status"] not in ("ok",) and not r["status"].startswith("n/a")]
+        print_table(table, ["case", "mode", *providers], UNITS[metric])
+    failed = [r for r in rows if r["status"] != "ok" and not r["status"].startswith("n/a")]
     for r in rows:
         if r["status"] != "ok":
             print(f"  {r['provider']:>15} {r['case']} {r['mode']}: {r['status']}")
         elif r.get("max_err") is not None and r["max_err"] > 0.05:
-            print(f"  WARNING {r['provider']} {r['case']} {r['mode']}: max error {r['max_err']:.3g} vs eager fp32")
+            print(f"  WARNING {r['provider']} {r['case']} {r['mode']}: max error {r['max_err']:.3g} vs the reference")
 
-    stem = os.path.join(args.out, f"{args.op}-{preset}-{args.dtype}-{device}")
+    stem = os.path.join(args.out, f"{args.op}-{preset}-{dtype_name}-{device}")
     for r in rows:
         r.update({k: env[k] for k in ("date", "device", "torch", "triton")})
     print(f"\nCSV: {write_csv(rows, stem + '.csv')}")
+    unit = UNITS[op.METRIC].split()[0]
     for r in rows:
-        r["panel"] = f"{r['mode']} D{r['D']}{' causal' if r['causal'] else ''}{' ' + r['mask'] if r['mask'] != 'none' else ''}"
-        r["N (keys)"] = r["Nk"]
-        r["TFLOP/s"] = r.get("tflops")
-    png = plot([r for r in rows if r["status"] == "ok"], stem + ".png", "N (keys)", "TFLOP/s", "provider", "panel",
-               f"{args.op} {preset} {args.dtype}, {env['device']}" + (" (CPU: not speed)" if device == "cpu" else ""))
+        r[unit] = r.get(op.METRIC)
+    png = plot([r for r in rows if r["status"] == "ok"], stem + ".png", "size", unit, "provider", "panel",
+               f"{args.op} {preset} {dtype_name}, {env['device']}" + (" (CPU: not speed)" if not_speed else ""))
     if png:
         print(f"PNG: {png}")
     return 1 if failed else 0

@@ -8,8 +8,13 @@ import torch
 import tlv_fast
 from tlv_fast import reference
 
+METRIC = "tflops"
 PROVIDERS = ["eager", "tlv_fast", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "flex", "fa2"]
 CPU_PROVIDERS = ["eager", "tlv_fast", "sdpa"]
+
+
+def default_preset(device):
+    return "milestone" if device == "cuda" else "smoke"
 
 
 @dataclasses.dataclass
@@ -120,7 +125,9 @@ def provider_fn(name, case, lengths, device):
 def run_case(case, provider, dtype, device, bench_ms):
     """One measurement: a dict with ms, TFLOP/s, GB/s (forward I/O floor) and a status."""
     row = {"case": case.name, "provider": provider, "mode": case.mode, "B": case.B, "H": case.H, "Nq": case.Nq,
-           "Nk": case.Nk, "D": case.D, "causal": case.causal, "mask": case.mask, "dtype": str(dtype).split(".")[-1]}
+           "Nk": case.Nk, "D": case.D, "causal": case.causal, "mask": case.mask, "dtype": str(dtype).split(".")[-1],
+           "panel": f"{case.mode} D{case.D}{' causal' if case.causal else ''}"
+                    f"{' ' + case.mask if case.mask != 'none' else ''}", "size": case.Nk}
     try:
         q, k, v, mask, lengths = _inputs(case, dtype, device)
         fn = provider_fn(provider, case, lengths, device)

@@ -30,7 +30,7 @@ def bench_ms(fn, device, grad_to_none=None):
         return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
     fn()
     times = []
-    for _ in range(3):
+    for _ in range(5):
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)

@@ -22,6 +22,7 @@ INTERPRETED = not HAS_CUDA
 # Absolute slack `eps` of the FlashAttention rule per dtype, forward and backward:
 #   max|kernel - truth| <= 2 * max|reference_in_dtype - truth| + eps,   truth = reference in float64.
 TOLERANCE = {
+    torch.float64: {"fwd": 1e-11, "bwd": 1e-10},
     torch.float32: {"fwd": 1e-5, "bwd": 5e-5},
     torch.float16: {"fwd": 2e-3, "bwd": 5e-3},
     torch.bfloat16: {"fwd": 1.6e-2, "bwd": 4e-2},

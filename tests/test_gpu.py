@@ -106,3 +106,38 @@ def test_inductor_compile_fullgraph():
     x = torch.randn(2, 128, 64, device="cuda", dtype=torch.bfloat16)
     compiled = torch.compile(f, fullgraph=True)
     torch.testing.assert_close(compiled(x), f(x), atol=1e-1, rtol=2e-2)
+
+
+# ---- Sinkhorn / optimal transport on CUDA: every launch path (one CTA, clusters, streaming) --------------------
+@pytest.mark.parametrize("b,w,dtype", [
+    (4, 321, torch.float32),    # 322 x 322 fp32 = 415 KB: a 2-CTA cluster (bwd: 4)
+    (4, 321, torch.float16),    # 207 KB: one CTA
+    (2, 321, torch.bfloat16),
+    (3, 499, torch.float32),    # 1 MB: an 8-CTA cluster
+    (2, 1100, torch.float32),   # 4.8 MB: streams from global memory
+    (2, 200, torch.float64),
+], ids=str)
+def test_optimal_transport_cuda_paths(b, w, dtype):
+    from test_sinkhorn import _check, _problem
+    from tlv_fast import reference as ref
+    attn = _problem((b,), w, w, dtype, "upper", scale=1.0)[0]
+    phi = torch.tensor(0.2, dtype=torch.float32 if dtype != torch.float64 else dtype, device="cuda",
+                       requires_grad=True)
+    _check(lambda a, p: tlv_fast.optimal_transport(a, p), lambda a, p: ref.optimal_transport(a, p), [attn, phi],
+           dtype)
+
+
+@pytest.mark.parametrize("m,n,order", [(640, 2049, "row_first"), (97, 1, "col_first"), (1, 1, "col_first")], ids=str)
+def test_sinkhorn_cuda_odd_shapes(m, n, order):
+    from test_sinkhorn import _check, _problem
+    from tlv_fast import reference as ref
+    inputs = _problem((2,), m, n, torch.float32, None)
+    _check(lambda s, a, c: tlv_fast.sinkhorn(s, a, c, iters=5, order=order),
+           lambda s, a, c: ref.sinkhorn(s, a, c, iters=5, order=order), inputs, torch.float32)
+
+
+def test_optimal_transport_cuda_deterministic():
+    attn = torch.randn(8, 321, 321, device="cuda", requires_grad=True)
+    phi = torch.tensor(0.0, device="cuda", requires_grad=True)
+    grads = [torch.autograd.grad(tlv_fast.optimal_transport(attn, phi).square().sum(), (attn, phi)) for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*grads))

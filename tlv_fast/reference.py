@@ -60,14 +60,6 @@ def attention(q, k, v, attn_mask=None, dropout_p=0.0, causal=None, scale=None, r
     return (out, lse) if return_lse else out
 
 
-def _safe_logsumexp(x, dim):
-    """logsumexp over `dim`, and a bool mask of the slices with no finite entry (their lse is -inf; no NaN in
-    values or gradients)."""
-    empty = torch.isneginf(x).all(dim=dim, keepdim=True)
-    lse = torch.logsumexp(x.masked_fill(empty, 0.0), dim=dim, keepdim=True)
-    return lse.masked_fill(empty, float("-inf")).squeeze(dim), empty.squeeze(dim)
-
-
 def sinkhorn(scores, log_mu, log_nu, iters=10, order="col_first"):
     """Entropic optimal transport in the log domain, unrolled: `iters` pairs of potential updates.
 
@@ -77,16 +69,21 @@ def sinkhorn(scores, log_mu, log_nu, iters=10, order="col_first"):
     Returns the log plan S + u_i + v_j. A row or column with no finite score keeps potential 0 (zero mass, no
     NaN). Gradients are autograd through the unrolled loop.
     """
+    # an empty row (column) stays empty whatever the finite potentials: find them once and give their log-sum-exp
+    # finite inputs (then discard it), so that neither values nor gradients see -inf - (-inf)
+    neg_inf = torch.isneginf(scores)
+    empty_row = neg_inf.all(dim=-1)  # (..., M)
+    empty_col = neg_inf.all(dim=-2)  # (..., N)
+    s_row = scores.masked_fill(empty_row[..., :, None], 0.0)
+    s_col = scores.masked_fill(empty_col[..., None, :], 0.0)
     u = torch.zeros_like(scores[..., :, 0])
     v = torch.zeros_like(scores[..., 0, :])
 
     def row(v):
-        lse, empty = _safe_logsumexp(scores + v[..., None, :], -1)
-        return torch.where(empty, 0.0, log_mu - lse)
+        return torch.where(empty_row, 0.0, log_mu - torch.logsumexp(s_row + v[..., None, :], dim=-1))
 
     def col(u):
-        lse, empty = _safe_logsumexp(scores + u[..., :, None], -2)
-        return torch.where(empty, 0.0, log_nu - lse)
+        return torch.where(empty_col, 0.0, log_nu - torch.logsumexp(s_col + u[..., :, None], dim=-2))
 
     for _ in range(iters):
         if order == "col_first":

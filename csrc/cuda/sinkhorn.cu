@@ -1,0 +1,568 @@
+// Batched log-domain Sinkhorn on CUDA: forward and the replayed backward (math: ../sinkhorn.cpp).
+//
+// Design. One problem per thread-block cluster. Each CTA of the cluster keeps a slab of rows of the (dustbin-
+// augmented) score matrix in shared memory for all iterations, so the matrix is read from HBM once and the plan
+// written once. Row log-sum-exps are local to a CTA (a warp per row); column log-sum-exps combine the CTAs' partial
+// maxima and sums through distributed shared memory (sm_90 clusters, up to 8 CTAs: 321 x 321 fp32 = 412 KB spans
+// 2 CTAs). When even 8 CTAs cannot hold the matrix (or before sm_90, beyond one CTA), one CTA per problem streams
+// the matrix from global memory at every half-iteration (L2 catches much of it).
+//
+// Backward: pass 1 replays the half-steps in reverse, in reductions only, and records the adjoint consumed by each
+// (du_t, dv_t); pass 2 forms every dS_ij = G_ij - sum_t (du_t,i A_t,ij + dv_t,j B_t,ij) once, so dS is written once.
+#include <cooperative_groups.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "sinkhorn.h"
+
+namespace cg = cooperative_groups;
+
+namespace tlv_fast {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 512;
+constexpr int kWarps = kThreads / 32;
+constexpr int kMaxCluster = 8;
+
+template <typename T> struct AccOf { using type = float; };
+template <> struct AccOf<double> { using type = double; };
+
+__device__ __forceinline__ float to_acc(float x) { return x; }
+__device__ __forceinline__ double to_acc(double x) { return x; }
+__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <typename T> __device__ __forceinline__ T from_acc(float x);
+template <> __device__ __forceinline__ float from_acc<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_acc<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <typename T> __device__ __forceinline__ T from_acc(double x) { return static_cast<T>(x); }
+
+__device__ __forceinline__ float exp_(float x) { return __expf(x); }  // exp(-inf) = 0
+__device__ __forceinline__ double exp_(double x) { return exp(x); }
+__device__ __forceinline__ float log_(float x) { return __logf(x); }
+__device__ __forceinline__ double log_(double x) { return log(x); }
+template <typename A> __device__ __forceinline__ A neg_inf() { return -INFINITY; }
+
+template <typename A> __device__ __forceinline__ A warp_max(A x) {
+  for (int o = 16; o > 0; o >>= 1) x = fmax(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+template <typename A> __device__ __forceinline__ A warp_sum(A x) {
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+// cluster helpers: a plain launch is a cluster of one CTA
+__device__ __forceinline__ unsigned cluster_size() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  return cg::this_cluster().num_blocks();
+#else
+  return 1;
+#endif
+}
+__device__ __forceinline__ unsigned cluster_rank() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  return cg::this_cluster().block_rank();
+#else
+  return 0;
+#endif
+}
+__device__ __forceinline__ void cluster_sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  cg::this_cluster().sync();
+#else
+  __syncthreads();
+#endif
+}
+template <typename A> __device__ __forceinline__ const A* peer(const A* p, unsigned rank) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  return cg::this_cluster().map_shared_rank(const_cast<A*>(p), rank);
+#else
+  return p;
+#endif
+}
+// barrier over the CTAs that share a problem (the cluster when RESIDENT, else the CTA)
+template <bool RESIDENT> __device__ __forceinline__ void problem_sync() {
+  if (RESIDENT) {
+    cluster_sync();
+  } else {
+    __syncthreads();
+  }
+}
+
+// The slab of rows [r0, r0 + nr) of the augmented matrix: in shared memory (RESIDENT) or read from global memory.
+template <typename T, bool RESIDENT>
+struct Scores {
+  using A = typename AccOf<T>::type;
+  const T* smem;         // nr x Na
+  const T* global;       // problem b
+  int64_t s1, s2;
+  A bin;
+  int r0, M, N, Na;
+  __device__ __forceinline__ A operator()(int i_local, int j) const {
+    if (RESIDENT) return to_acc(smem[static_cast<int64_t>(i_local) * Na + j]);
+    const int i = r0 + i_local;
+    return (i < M && j < N) ? to_acc(global[i * s1 + j * s2]) : bin;
+  }
+};
+
+template <typename T>
+__device__ void load_slab(T* dst, const T* src, int64_t s1, int64_t s2, int r0, int nr, int M, int N, int Na,
+                          T bin) {
+  const int64_t total = static_cast<int64_t>(nr) * Na;
+  for (int64_t idx = threadIdx.x; idx < total; idx += kThreads) {
+    const int il = static_cast<int>(idx / Na), j = static_cast<int>(idx % Na), i = r0 + il;
+    dst[idx] = (i < M && j < N) ? src[i * s1 + j * s2] : bin;
+  }
+}
+
+__host__ __device__ inline size_t align16(size_t x) { return (x + 15) / 16 * 16; }
+
+struct Geometry {  // per-CTA row slab: the cluster splits the Ma rows into `cluster` slabs of `rows` rows
+  int Ma, Na, rows;
+};
+
+// ------------------------------------------------------------------------------------------------------------------
+// forward
+// ------------------------------------------------------------------------------------------------------------------
+template <typename A>
+struct FwdShared {  // layout of the dynamic shared memory (accumulation-type arrays, then the slab)
+  A *v, *cmax, *csum, *gmax, *lnu, *u, *lmu;
+  __device__ FwdShared(unsigned char* base, const Geometry& g) {
+    A* p = reinterpret_cast<A*>(base);
+    v = p; cmax = v + g.Na; csum = cmax + g.Na; gmax = csum + g.Na; lnu = gmax + g.Na;
+    u = lnu + g.Na; lmu = u + g.rows;
+  }
+  static __host__ __device__ size_t bytes(const Geometry& g) { return align16((5 * g.Na + 2 * g.rows) * sizeof(A)); }
+};
+
+template <typename T, bool RESIDENT>
+__global__ void __launch_bounds__(kThreads) sinkhorn_fwd_kernel(SinkhornProblem p, Geometry g, T* out, void* us_,
+                                                                void* vs_) {
+  using A = typename AccOf<T>::type;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const unsigned csize = RESIDENT ? cluster_size() : 1, rank = RESIDENT ? cluster_rank() : 0;
+  const int64_t b = blockIdx.x / csize;
+  const int Ma = g.Ma, Na = g.Na, M = static_cast<int>(p.M), N = static_cast<int>(p.N);
+  const int r0 = min(Ma, static_cast<int>(rank) * g.rows), nr = min(Ma, r0 + g.rows) - r0;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  FwdShared<A> sh(smem, g);
+  T* slab = reinterpret_cast<T*>(smem + FwdShared<A>::bytes(g));
+  const T* src = static_cast<const T*>(p.scores) + b * p.s0;
+  const A bin = p.bin ? *static_cast<const A*>(p.bin) : A(0);
+  if (RESIDENT) load_slab<T>(slab, src, p.s1, p.s2, r0, nr, M, N, Na, from_acc<T>(bin));
+  const Scores<T, RESIDENT> S{slab, src, p.s1, p.s2, bin, r0, M, N, Na};
+  const A* log_mu = static_cast<const A*>(p.log_mu) + b * p.mu0;
+  const A* log_nu = static_cast<const A*>(p.log_nu) + b * p.nu0;
+  A* us = static_cast<A*>(us_) + b * (p.iters + 1) * Ma;
+  A* vs = static_cast<A*>(vs_) + b * (p.iters + 1) * Na;
+  for (int j = threadIdx.x; j < Na; j += kThreads) { sh.v[j] = 0; sh.lnu[j] = log_nu[j * p.nu1]; }
+  for (int i = threadIdx.x; i < nr; i += kThreads) { sh.u[i] = 0; sh.lmu[i] = log_mu[(r0 + i) * p.mu1]; }
+  __syncthreads();
+
+  auto row_update = [&](int t) {  // u_i = log_mu_i - LSE_j(S_ij + v_j); a warp per row
+    for (int il = warp; il < nr; il += kWarps) {
+      A m = neg_inf<A>();
+      for (int j = lane; j < Na; j += 32) m = fmax(m, S(il, j) + sh.v[j]);
+      m = warp_max(m);
+      A s = 0;
+      if (m != neg_inf<A>()) {
+        for (int j = lane; j < Na; j += 32) s += exp_(S(il, j) + sh.v[j] - m);
+        s = warp_sum(s);
+      }
+      if (lane == 0) {
+        const A ui = m == neg_inf<A>() ? A(0) : sh.lmu[il] - (m + log_(s));
+        sh.u[il] = ui;
+        us[t * Ma + r0 + il] = ui;
+      }
+    }
+    __syncthreads();
+  };
+  auto col_update = [&](int t) {  // v_j = log_nu_j - LSE_i(S_ij + u_i); partial over the slab, combined in the cluster
+    for (int j = threadIdx.x; j < Na; j += kThreads) {
+      A m = neg_inf<A>();
+      for (int il = 0; il < nr; ++il) m = fmax(m, S(il, j) + sh.u[il]);
+      sh.cmax[j] = m;
+    }
+    problem_sync<RESIDENT>();
+    for (int j = threadIdx.x; j < Na; j += kThreads) {
+      A m = neg_inf<A>();
+      for (unsigned r = 0; r < csize; ++r) m = fmax(m, peer(sh.cmax, r)[j]);
+      A s = 0;
+      if (m != neg_inf<A>()) {
+        for (int il = 0; il < nr; ++il) s += exp_(S(il, j) + sh.u[il] - m);
+      }
+      sh.gmax[j] = m;
+      sh.csum[j] = s;
+    }
+    problem_sync<RESIDENT>();
+    for (int j = threadIdx.x; j < Na; j += kThreads) {
+      A s = 0;
+      for (unsigned r = 0; r < csize; ++r) s += peer(sh.csum, r)[j];
+      const A vj = sh.gmax[j] == neg_inf<A>() ? A(0) : sh.lnu[j] - (sh.gmax[j] + log_(s));
+      sh.v[j] = vj;
+      if (rank == 0) vs[t * Na + j] = vj;
+    }
+    problem_sync<RESIDENT>();  // peers have read cmax / csum before the next update overwrites them
+  };
+  for (int t = 1; t <= p.iters; ++t) {
+    if (p.col_first) {
+      col_update(t);
+      row_update(t);
+    } else {
+      row_update(t);
+      col_update(t);
+    }
+  }
+  T* o = out + (b * Ma + r0) * Na;
+  const A c = static_cast<A>(p.log_scale);
+  for (int64_t idx = threadIdx.x; idx < static_cast<int64_t>(nr) * Na; idx += kThreads) {
+    const int il = static_cast<int>(idx / Na), j = static_cast<int>(idx % Na);
+    const A x = S(il, j) + sh.u[il] + sh.v[j];
+    o[idx] = from_acc<T>(p.exp_out ? exp_(x + c) : x);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// backward
+// ------------------------------------------------------------------------------------------------------------------
+template <typename A>
+struct BwdShared {
+  A *dv, *cpart, *dnu, *cj, *lnu, *colfree;  // Na each (colfree: 1 if the column has a finite score)
+  A *du, *dmu, *lmu, *rowfree;               // rows each
+  A *uh, *vh, *duh, *dvh;                    // histories (RESIDENT): (iters+1) x rows, (iters+1) x Na, iters x ...
+  __device__ BwdShared(unsigned char* base, const Geometry& g, int iters, bool resident) {
+    A* p = reinterpret_cast<A*>(base);
+    dv = p; cpart = dv + g.Na; dnu = cpart + g.Na; cj = dnu + g.Na; lnu = cj + g.Na; colfree = lnu + g.Na;
+    du = colfree + g.Na; dmu = du + g.rows; lmu = dmu + g.rows; rowfree = lmu + g.rows;
+    uh = rowfree + g.rows;
+    vh = uh + (resident ? (iters + 1) * g.rows : 0);
+    duh = vh + (resident ? (iters + 1) * g.Na : 0);
+    dvh = duh + (resident ? iters * g.rows : 0);
+  }
+  static __host__ __device__ size_t bytes(const Geometry& g, int iters, bool resident) {
+    size_t n = 6 * g.Na + 4 * g.rows;
+    if (resident) n += (2 * iters + 1) * static_cast<size_t>(g.rows + g.Na);
+    return align16(n * sizeof(A));
+  }
+};
+
+template <typename T, bool RESIDENT>
+__global__ void __launch_bounds__(kThreads) sinkhorn_bwd_kernel(
+    SinkhornProblem p, Geometry g, const T* grad, int64_t g0, int64_t g1, int64_t g2, const T* out, const void* us_,
+    const void* vs_, T* d_scores, void* d_mu_, void* d_nu_, void* d_bin_, void* scratch_) {
+  using A = typename AccOf<T>::type;
+  extern __shared__ __align__(16) unsigned char smem[];
+  const unsigned csize = RESIDENT ? cluster_size() : 1, rank = RESIDENT ? cluster_rank() : 0;
+  const int64_t b = blockIdx.x / csize;
+  const int Ma = g.Ma, Na = g.Na, M = static_cast<int>(p.M), N = static_cast<int>(p.N), iters = p.iters;
+  const int r0 = min(Ma, static_cast<int>(rank) * g.rows), nr = min(Ma, r0 + g.rows) - r0;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  BwdShared<A> sh(smem, g, iters, RESIDENT);
+  T* slab = reinterpret_cast<T*>(smem + BwdShared<A>::bytes(g, iters, RESIDENT));
+  const T* src = static_cast<const T*>(p.scores) + b * p.s0;
+  const A bin = p.bin ? *static_cast<const A*>(p.bin) : A(0);
+  if (RESIDENT) load_slab<T>(slab, src, p.s1, p.s2, r0, nr, M, N, Na, from_acc<T>(bin));
+  const Scores<T, RESIDENT> S{slab, src, p.s1, p.s2, bin, r0, M, N, Na};
+  const A* log_mu = static_cast<const A*>(p.log_mu) + b * p.mu0;
+  const A* log_nu = static_cast<const A*>(p.log_nu) + b * p.nu0;
+  const A* us = static_cast<const A*>(us_) + b * (iters + 1) * Ma;
+  const A* vs = static_cast<const A*>(vs_) + b * (iters + 1) * Na;
+  // potential histories: u_t for the slab's rows (row stride ur), v_t (stride Na), adjoints du_t, dv_t
+  const A* uh;
+  const A* vh;
+  A* duh;
+  A* dvh;
+  int ur;
+  if (RESIDENT) {
+    ur = g.rows;
+    for (int k = threadIdx.x; nr > 0 && k < (iters + 1) * nr; k += kThreads) {
+      sh.uh[(k / nr) * ur + k % nr] = us[(k / nr) * Ma + r0 + k % nr];
+    }
+    for (int k = threadIdx.x; k < (iters + 1) * Na; k += kThreads) sh.vh[k] = vs[k];
+    uh = sh.uh; vh = sh.vh; duh = sh.duh; dvh = sh.dvh;
+  } else {
+    ur = Ma;
+    A* scratch = static_cast<A*>(scratch_) + b * iters * (Ma + Na);
+    uh = us; vh = vs; duh = scratch; dvh = scratch + iters * Ma;
+  }
+  const A* uhr = uh + (RESIDENT ? 0 : r0);  // row il of the slab: uhr[t * ur + il]
+
+  auto gval = [&](int il, int j) -> A {  // dL/d(log plan)
+    const int64_t i = r0 + il;
+    A x = to_acc(grad[b * g0 + i * g1 + j * g2]);
+    if (p.exp_out) x *= to_acc(out[(b * Ma + i) * Na + j]);
+    return x;
+  };
+  // column sums over the cluster of the per-CTA partials in sh.cpart, in rank order (identical in every CTA)
+  auto cluster_col_sum = [&](int j) -> A {
+    A s = 0;
+    for (unsigned r = 0; r < csize; ++r) s += peer(sh.cpart, r)[j];
+    return s;
+  };
+
+  // setup: marginals, empty rows and columns, adjoints reaching u_T and v_T from the output
+  for (int j = threadIdx.x; j < Na; j += kThreads) {
+    sh.lnu[j] = log_nu[j * p.nu1];
+    sh.dnu[j] = 0;
+    A any = 0, cs = 0;
+    for (int il = 0; il < nr; ++il) {
+      any = fmax(any, S(il, j) != neg_inf<A>() ? A(1) : A(0));
+      cs += gval(il, j);
+    }
+    sh.colfree[j] = any;  // temporarily the local flag
+    sh.cpart[j] = cs;
+  }
+  for (int il = warp; il < nr; il += kWarps) {
+    A any = 0, rs = 0;
+    for (int j = lane; j < Na; j += 32) {
+      any = fmax(any, S(il, j) != neg_inf<A>() ? A(1) : A(0));
+      rs += gval(il, j);
+    }
+    any = warp_max(any);
+    rs = warp_sum(rs);
+    if (lane == 0) {
+      sh.rowfree[il] = any;
+      sh.du[il] = rs;
+      sh.dmu[il] = 0;
+      sh.lmu[il] = log_mu[(r0 + il) * p.mu1];
+    }
+  }
+  problem_sync<RESIDENT>();
+  for (int j = threadIdx.x; j < Na; j += kThreads) sh.dv[j] = cluster_col_sum(j);
+  problem_sync<RESIDENT>();
+  for (int j = threadIdx.x; j < Na; j += kThreads) sh.cpart[j] = sh.colfree[j];
+  problem_sync<RESIDENT>();
+  for (int j = threadIdx.x; j < Na; j += kThreads) {
+    A any = 0;
+    for (unsigned r = 0; r < csize; ++r) any = fmax(any, peer(sh.cpart, r)[j]);
+    sh.colfree[j] = any;
+  }
+  problem_sync<RESIDENT>();
+
+  // pass 1: reverse half-steps, reductions only; record the adjoint each consumes
+  auto row_bwd = [&](int t, int s) {  // forward: u_t = row(v_s); consumes du, adds to dv
+    for (int il = threadIdx.x; il < nr; il += kThreads) {
+      const A d = sh.rowfree[il] != 0 ? sh.du[il] : A(0);
+      sh.du[il] = d;
+      sh.dmu[il] += d;
+      duh[(t - 1) * ur + (RESIDENT ? 0 : r0) + il] = d;
+    }
+    __syncthreads();
+    for (int j = threadIdx.x; j < Na; j += kThreads) {
+      A acc = 0;
+      const A vj = vh[s * Na + j];
+      for (int il = 0; il < nr; ++il) {
+        acc += sh.du[il] * exp_(S(il, j) + vj + uhr[t * ur + il] - sh.lmu[il]);  // du_i A_ij
+      }
+      sh.cpart[j] = acc;
+    }
+    problem_sync<RESIDENT>();
+    for (int j = threadIdx.x; j < Na; j += kThreads) sh.dv[j] -= cluster_col_sum(j);
+    for (int il = threadIdx.x; il < nr; il += kThreads) sh.du[il] = 0;
+    problem_sync<RESIDENT>();
+  };
+  auto col_bwd = [&](int t, int s) {  // forward: v_t = col(u_s); consumes dv, adds to du
+    for (int j = threadIdx.x; j < Na; j += kThreads) {
+      const A d = sh.colfree[j] != 0 ? sh.dv[j] : A(0);
+      sh.dv[j] = d;
+      sh.dnu[j] += d;
+      sh.cj[j] = vh[t * Na + j] - sh.lnu[j];
+      dvh[(t - 1) * Na + j] = d;
+    }
+    __syncthreads();
+    for (int il = warp; il < nr; il += kWarps) {
+      A acc = 0;
+      const A ui = uhr[s * ur + il];
+      for (int j = lane; j < Na; j += 32) acc += sh.dv[j] * exp_(S(il, j) + ui + sh.cj[j]);  // dv_j B_ij
+      acc = warp_sum(acc);
+      if (lane == 0) sh.du[il] -= acc;
+    }
+    __syncthreads();
+    for (int j = threadIdx.x; j < Na; j += kThreads) sh.dv[j] = 0;
+    __syncthreads();
+  };
+  for (int t = iters; t >= 1; --t) {
+    if (p.col_first) {  // v_t = col(u_{t-1}), u_t = row(v_t)
+      row_bwd(t, t);
+      col_bwd(t, t - 1);
+    } else {  // u_t = row(v_{t-1}), v_t = col(u_t)
+      col_bwd(t, t);
+      row_bwd(t, t - 1);
+    }
+  }
+  __syncthreads();
+
+  // pass 2: dS_ij = G_ij - sum_t (du_t,i A_t,ij + dv_t,j B_t,ij), written once
+  const int sa = p.col_first ? 0 : -1;  // v index of the row step t: t + sa; u index of the column step: t - 1 - sa
+  A bin_acc = 0;
+  T* ds = d_scores + b * p.M * p.N;
+  for (int64_t idx = threadIdx.x; idx < static_cast<int64_t>(nr) * Na; idx += kThreads) {
+    const int il = static_cast<int>(idx / Na), j = static_cast<int>(idx % Na), i = r0 + il;
+    const A x = S(il, j);
+    A d = gval(il, j);
+    if (x != neg_inf<A>()) {
+      for (int t = 1; t <= iters; ++t) {
+        const A a = exp_(x + vh[(t + sa) * Na + j] + uhr[t * ur + il] - sh.lmu[il]);
+        const A bb = exp_(x + uhr[(t - 1 - sa) * ur + il] + vh[t * Na + j] - sh.lnu[j]);
+        d -= duh[(t - 1) * ur + (RESIDENT ? 0 : r0) + il] * a + dvh[(t - 1) * Na + j] * bb;
+      }
+    }
+    if (i < M && j < N) {
+      ds[static_cast<int64_t>(i) * N + j] = from_acc<T>(d);
+    } else {
+      bin_acc += d;
+    }
+  }
+  // dustbin gradient: block reduction, one partial per CTA (summed in order by the caller)
+  __shared__ A warp_part[kWarps];
+  bin_acc = warp_sum(bin_acc);
+  if (lane == 0) warp_part[warp] = bin_acc;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    A tot = 0;
+    for (int w = 0; w < kWarps; ++w) tot += warp_part[w];
+    static_cast<A*>(d_bin_)[b * kMaxCluster + rank] = tot;
+  }
+  A* d_mu = static_cast<A*>(d_mu_) + b * Ma;
+  A* d_nu = static_cast<A*>(d_nu_) + b * Na;
+  for (int il = threadIdx.x; il < nr; il += kThreads) d_mu[r0 + il] = sh.dmu[il];
+  if (rank == 0) {
+    for (int j = threadIdx.x; j < Na; j += kThreads) d_nu[j] = sh.dnu[j];
+  }
+  problem_sync<RESIDENT>();  // keep shared memory alive until the cluster's peers are done with it
+}
+
+// ------------------------------------------------------------------------------------------------------------------
+// host side
+// ------------------------------------------------------------------------------------------------------------------
+struct DeviceLimits {
+  int smem_optin = 0, major = 0;
+};
+
+DeviceLimits limits() {
+  DeviceLimits d;
+  int dev = 0;
+  cudaGetDevice(&dev);
+  cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, dev);
+  return d;
+}
+
+size_t elt_size(Dtype d) {
+  switch (d) {
+    case Dtype::kFloat16:
+    case Dtype::kBFloat16: return 2;
+    case Dtype::kFloat32: return 4;
+    default: return 8;
+  }
+}
+
+// smallest cluster whose slabs fit in shared memory; cluster 0: stream from global memory
+template <typename Bytes>
+LaunchInfo plan(const SinkhornProblem& p, const DeviceLimits& d, Bytes aux_bytes) {
+  const int Ma = static_cast<int>(p.M) + (p.bin != nullptr), Na = static_cast<int>(p.N) + (p.bin != nullptr);
+  const int max_cluster = d.major >= 9 ? kMaxCluster : 1;
+  for (int c = 1; c <= max_cluster; c *= 2) {
+    const int rows = (Ma + c - 1) / c;
+    if (c > 1 && rows * (c - 1) >= Ma) break;  // a CTA would hold no row
+    const size_t bytes = aux_bytes(Geometry{Ma, Na, rows}, true) + static_cast<size_t>(rows) * Na * elt_size(p.dtype);
+    if (bytes <= static_cast<size_t>(d.smem_optin)) return {c, bytes};
+  }
+  return {0, aux_bytes(Geometry{Ma, Na, Ma}, false)};
+}
+
+template <typename Kernel, typename... Args>
+cudaError_t launch(Kernel kernel, const LaunchInfo& info, int64_t B, cudaStream_t stream, Args... args) {
+  const int cluster = std::max(info.cluster, 1);
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(info.smem));
+  if (err != cudaSuccess) return err;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(B * cluster));
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = info.smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  if (cluster > 1) {
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = cluster;
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+  }
+  return cudaLaunchKernelEx(&cfg, kernel, args...);
+}
+
+template <typename T>
+cudaError_t forward_t(const SinkhornProblem& p, void* out, void* us, void* vs, cudaStream_t stream, LaunchInfo* info) {
+  using A = typename AccOf<T>::type;
+  const LaunchInfo li = plan(p, limits(), [](const Geometry& g, bool) { return FwdShared<A>::bytes(g); });
+  if (info) *info = li;
+  const int Ma = static_cast<int>(p.M) + (p.bin != nullptr), Na = static_cast<int>(p.N) + (p.bin != nullptr);
+  const int c = std::max(li.cluster, 1);
+  const Geometry g{Ma, Na, li.cluster ? (Ma + c - 1) / c : Ma};
+  if (li.cluster) return launch(sinkhorn_fwd_kernel<T, true>, li, p.B, stream, p, g, static_cast<T*>(out), us, vs);
+  return launch(sinkhorn_fwd_kernel<T, false>, li, p.B, stream, p, g, static_cast<T*>(out), us, vs);
+}
+
+template <typename T>
+cudaError_t backward_t(const SinkhornProblem& p, const void* grad, int64_t g0, int64_t g1, int64_t g2,
+                       const void* out, const void* us, const void* vs, void* d_scores, void* d_mu, void* d_nu,
+                       void* d_bin, void* scratch, cudaStream_t stream, LaunchInfo* info) {
+  using A = typename AccOf<T>::type;
+  const int iters = p.iters;
+  const LaunchInfo li = plan(p, limits(), [iters](const Geometry& g, bool resident) {
+    return BwdShared<A>::bytes(g, iters, resident);
+  });
+  if (info) *info = li;
+  const int Ma = static_cast<int>(p.M) + (p.bin != nullptr), Na = static_cast<int>(p.N) + (p.bin != nullptr);
+  const int c = std::max(li.cluster, 1);
+  const Geometry g{Ma, Na, li.cluster ? (Ma + c - 1) / c : Ma};
+  auto args = [&](auto kernel) {
+    return launch(kernel, li, p.B, stream, p, g, static_cast<const T*>(grad), g0, g1, g2, static_cast<const T*>(out),
+                  us, vs, static_cast<T*>(d_scores), d_mu, d_nu, d_bin, scratch);
+  };
+  if (li.cluster) return args(sinkhorn_bwd_kernel<T, true>);
+  return args(sinkhorn_bwd_kernel<T, false>);
+}
+
+}  // namespace
+
+cudaError_t sinkhorn_forward(const SinkhornProblem& p, void* out, void* us, void* vs, cudaStream_t stream,
+                             LaunchInfo* info) {
+  switch (p.dtype) {
+    case Dtype::kFloat16: return forward_t<__half>(p, out, us, vs, stream, info);
+    case Dtype::kBFloat16: return forward_t<__nv_bfloat16>(p, out, us, vs, stream, info);
+    case Dtype::kFloat32: return forward_t<float>(p, out, us, vs, stream, info);
+    default: return forward_t<double>(p, out, us, vs, stream, info);
+  }
+}
+
+cudaError_t sinkhorn_backward(const SinkhornProblem& p, const void* grad, int64_t g0, int64_t g1, int64_t g2,
+                              const void* out, const void* us, const void* vs, void* d_scores, void* d_mu,
+                              void* d_nu, void* d_bin_partial, void* scratch, cudaStream_t stream,
+                              LaunchInfo* info) {
+  switch (p.dtype) {
+    case Dtype::kFloat16:
+      return backward_t<__half>(p, grad, g0, g1, g2, out, us, vs, d_scores, d_mu, d_nu, d_bin_partial, scratch,
+                                stream, info);
+    case Dtype::kBFloat16:
+      return backward_t<__nv_bfloat16>(p, grad, g0, g1, g2, out, us, vs, d_scores, d_mu, d_nu, d_bin_partial,
+                                       scratch, stream, info);
+    case Dtype::kFloat32:
+      return backward_t<float>(p, grad, g0, g1, g2, out, us, vs, d_scores, d_mu, d_nu, d_bin_partial, scratch,
+                               stream, info);
+    default:
+      return backward_t<double>(p, grad, g0, g1, g2, out, us, vs, d_scores, d_mu, d_nu, d_bin_partial, scratch,
+                                stream, info);
+  }
+}
+
+}  // namespace cuda
+}  // namespace tlv_fast

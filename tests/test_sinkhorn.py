@@ -1,0 +1,171 @@
+"""Batched log-domain Sinkhorn and STTR's optimal transport: the csrc path (C++ on this machine, CUDA under -m gpu)
+against the eager unrolled loop in tlv_fast.reference — values and every gradient, masks, shapes, bad input."""
+import importlib
+import math
+
+import pytest
+import torch
+
+import tlv_fast
+from tlv_fast import reference
+
+from conftest import DEVICE, as_truth, assert_fa_rule
+
+FLOAT_DTYPES = [pytest.param(torch.float64, id="fp64"), pytest.param(torch.float32, id="fp32")]
+
+
+def _problem(batch, m, n, dtype, mask=None, scale=3.0, device=DEVICE):
+    scores = scale * torch.randn(*batch, m, n, dtype=dtype, device=device)
+    if mask == "upper":  # STTR's last layer: key j > query i masked
+        scores = scores.masked_fill(torch.ones(m, n, dtype=torch.bool, device=device).triu(1), float("-inf"))
+    elif mask == "empty":  # a whole row and a whole column without a finite score
+        scores[..., 1, :] = float("-inf")
+        scores[..., :, 2] = float("-inf")
+        scores[..., 0, 0] = float("-inf")
+    log_mu = torch.log_softmax(torch.randn(*batch, m, dtype=dtype, device=device), -1)
+    log_nu = torch.log_softmax(torch.randn(*batch, n, dtype=dtype, device=device), -1)
+    return [t.requires_grad_() for t in (scores, log_mu, log_nu)]
+
+
+def _check(fn_kernel, fn_ref, inputs, dtype):
+    """FA rule on the output and on the gradient of every input, truth = reference in float64."""
+    out = fn_kernel(*inputs)
+    ref = fn_ref(*inputs)
+    truth_inputs = as_truth(*inputs)
+    truth = fn_ref(*truth_inputs)
+    finite = torch.isfinite(truth)
+    assert torch.equal(torch.isfinite(out), finite), "-inf pattern differs"
+    assert_fa_rule(out[finite], ref[finite], truth[finite], dtype, "fwd", "out")
+    g = torch.randn_like(out).masked_fill(~finite, 0.0) if out.dtype != torch.float64 else torch.randn_like(out)
+    grads = torch.autograd.grad(out, inputs, g)
+    ref_grads = torch.autograd.grad(ref, inputs, g)
+    truth_grads = torch.autograd.grad(truth, truth_inputs, g.double())
+    for k, (a, r, t) in enumerate(zip(grads, ref_grads, truth_grads)):
+        assert torch.isfinite(a).all(), f"grad {k}: not finite"
+        assert a.shape == inputs[k].shape and a.dtype == inputs[k].dtype
+        assert_fa_rule(a, r, t, dtype, "bwd", f"grad {k}")
+    return out
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("order", ["col_first", "row_first"])
+@pytest.mark.parametrize("case", [((3,), 7, 5, None), ((2,), 6, 6, "upper"), ((2, 2), 5, 9, "empty"), ((), 4, 3, None),
+                                  ((1,), 1, 1, None), ((2,), 33, 17, "upper")],
+                         ids=["MneN", "upper-mask", "empty-row-col", "no-batch", "1x1", "33x17"])
+def test_sinkhorn_matches_the_unrolled_loop(case, order, dtype):
+    batch, m, n, mask = case
+    inputs = _problem(batch, m, n, dtype, mask)
+    _check(lambda s, a, b: tlv_fast.sinkhorn(s, a, b, iters=6, order=order),
+           lambda s, a, b: reference.sinkhorn(s, a, b, iters=6, order=order), inputs, dtype)
+
+
+def test_marginals_broadcast_over_the_batch():
+    scores, log_mu, log_nu = _problem((4,), 6, 8, torch.float64)
+    mu1 = log_mu[0].detach().requires_grad_()
+    _check(lambda s, a, b: tlv_fast.sinkhorn(s, a, b, iters=3), lambda s, a, b: reference.sinkhorn(s, a, b, iters=3),
+           [scores, mu1, log_nu], torch.float64)
+
+
+def test_sinkhorn_strided_scores_read_in_place():
+    base = torch.randn(3, 10, 16, dtype=torch.float64, device=DEVICE)
+    scores = base[:, 1:8, ::2].detach().requires_grad_()  # (3, 7, 8), non-contiguous
+    _, log_mu, log_nu = _problem((3,), 7, 8, torch.float64)
+    _check(lambda s, a, b: tlv_fast.sinkhorn(s, a, b), lambda s, a, b: reference.sinkhorn(s, a, b),
+           [scores, log_mu, log_nu], torch.float64)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("w", [1, 8, 45])
+def test_optimal_transport_matches_reference(w, dtype):
+    attn = _problem((2,), w, w, dtype, "upper", scale=1.0)[0]
+    phi = torch.tensor(0.3, dtype=dtype, device=DEVICE, requires_grad=True)
+    T = _check(lambda a, p: tlv_fast.optimal_transport(a, p), lambda a, p: reference.optimal_transport(a, p),
+               [attn, phi], dtype)
+    assert T.shape == (2, w + 1, w + 1)
+    # every real left pixel's row sums to 1 (the row update comes last); the dustbin row carries W
+    torch.testing.assert_close(T[:, :w].sum(-1), torch.ones(2, w, dtype=dtype, device=DEVICE), atol=1e-5, rtol=0)
+    torch.testing.assert_close(T[:, w].sum(-1), torch.full((2,), float(w), dtype=dtype, device=DEVICE), rtol=1e-3,
+                               atol=1e-3)
+    assert torch.all(T[:, :w, :w][..., torch.ones(w, w, dtype=torch.bool, device=DEVICE).triu(1)] == 0)
+
+
+def test_gradcheck_float64():
+    scores, log_mu, log_nu = _problem((2,), 4, 5, torch.float64)  # finite log plan: finite differences apply
+    assert torch.autograd.gradcheck(lambda s, a, b: tlv_fast.sinkhorn(s, a, b, iters=3), (scores, log_mu, log_nu))
+    attn = _problem((1,), 4, 4, torch.float64, "upper")[0]
+    phi = torch.tensor(-0.4, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, p: tlv_fast.optimal_transport(a, p, iters=3), (attn, phi))
+
+
+def test_module_owns_phi_with_sttr_name():
+    ot = tlv_fast.nn.OptimalTransport(iters=10).to(DEVICE)
+    assert list(ot.state_dict()) == ["phi"] and ot.phi.shape == () and ot.phi.item() == 0.0
+    attn = torch.randn(3, 6, 6, device=DEVICE)
+    T = ot(attn)
+    T[:, :6, 6].sum().backward()  # mass sent to the dustbin column depends on phi
+    assert ot.phi.grad is not None and ot.phi.grad.abs() > 0
+
+
+def test_opcheck():
+    scores, log_mu, log_nu = _problem((2,), 5, 4, torch.float64, "upper")
+    tlv_fast.sinkhorn(scores, log_mu, log_nu)  # loads the library
+    mu = log_mu.detach().requires_grad_()
+    torch.library.opcheck(torch.ops.tlv_fast.sinkhorn_fwd.default, (scores, mu, log_nu, None, 3, True, None))
+    phi = torch.tensor(0.1, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    lm, ln = reference.dustbin_marginals(5, 4, torch.float64, DEVICE)
+    torch.library.opcheck(torch.ops.tlv_fast.sinkhorn_fwd.default,
+                          (scores, lm.expand(2, 6), ln.expand(2, 5), phi, 2, False, math.log(9)))
+
+
+def test_torch_compile_fullgraph():
+    ot = tlv_fast.nn.OptimalTransport(iters=4).to(DEVICE)
+    attn = torch.randn(2, 9, 9, device=DEVICE)
+    eager = ot(attn)
+    torch._dynamo.reset()
+    compiled = torch.compile(ot, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(attn), eager)
+
+
+def test_auto_uses_csrc_and_reference_backend_agrees(monkeypatch):
+    scores, log_mu, log_nu = _problem((2,), 5, 6, torch.float64)
+    sk_module = importlib.import_module("tlv_fast.ops.sinkhorn")  # the module (the package exports the function)
+    calls = []
+    real = sk_module._run
+    monkeypatch.setattr(sk_module, "_run", lambda *a: calls.append(1) or real(*a))
+    out = tlv_fast.sinkhorn(scores, log_mu, log_nu)
+    assert calls == [1]
+    torch.testing.assert_close(out, tlv_fast.sinkhorn(scores, log_mu, log_nu, backend="reference"))
+    assert calls == [1]
+    with pytest.raises(RuntimeError, match="not implemented"):
+        tlv_fast.sinkhorn(scores, log_mu, log_nu, backend="triton")
+
+
+BAD = [
+    (lambda s, a, b: (s[0, 0], a, b), {}, "scores must be"),
+    (lambda s, a, b: (s, a[:, :3], b), {}, "log_mu must be"),
+    (lambda s, a, b: (s, a, b[:1, :2]), {}, "log_nu must be"),
+    (lambda s, a, b: (s, a.float(), b), {}, "log_mu must be a tensor of the scores' dtype"),
+    (lambda s, a, b: (s.long(), a, b), {}, "floating"),
+    (lambda s, a, b: (s, a, b), {"iters": 0}, "iters"),
+    (lambda s, a, b: (s, a, b), {"order": "rows"}, "order"),
+    (lambda s, a, b: (s, a[:1].expand(3, 5), b), {}, "batch dims"),
+]
+
+
+@pytest.mark.parametrize("make,kw,match", BAD, ids=[b[2] for b in BAD])
+def test_bad_input(make, kw, match):
+    scores, log_mu, log_nu = (t.detach() for t in _problem((2,), 5, 4, torch.float64))
+    if "batch dims" in match:
+        log_mu = log_mu[:1].expand(3, 5)
+    else:
+        scores, log_mu, log_nu = make(scores, log_mu, log_nu)
+    with pytest.raises(ValueError, match=match):
+        tlv_fast.sinkhorn(scores, log_mu, log_nu, **kw)
+
+
+def test_optimal_transport_bad_phi():
+    attn = torch.randn(2, 4, 4, device=DEVICE)
+    with pytest.raises(ValueError, match="phi must be a scalar"):
+        tlv_fast.optimal_transport(attn, torch.zeros(2, device=DEVICE))
+    with pytest.raises(ValueError, match="iters"):
+        tlv_fast.optimal_transport(attn, 0.0, iters=0)
