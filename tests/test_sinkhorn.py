@@ -59,6 +59,22 @@ def test_sinkhorn_matches_the_unrolled_loop(case, order, dtype):
            lambda s, a, b: reference.sinkhorn(s, a, b, iters=6, order=order), inputs, dtype)
 
 
+@pytest.mark.parametrize("order", ["col_first", "row_first"])
+def test_potentials_that_move_far_between_iterations(order):
+    # a diagonal plan cannot meet marginals (1, e^-100) and (e^-100, 1): the potentials move by 100 every iteration,
+    # so the C++ path's log-sum-exp shift from the previous iteration overflows fp32 and must fall back to the max
+    inf = float("-inf")
+    scores = torch.tensor([[[0.0, inf, inf], [inf, 0.0, inf], [inf, inf, 0.5]]], device=DEVICE).repeat(2, 1, 1)
+    log_mu = torch.tensor([0.0, -100.0, -1.0], device=DEVICE).repeat(2, 1)
+    log_nu = torch.tensor([-100.0, 0.0, -1.0], device=DEVICE).repeat(2, 1)
+    inputs = [t.requires_grad_() for t in (scores, log_mu, log_nu)]
+    _check(lambda s, a, b: tlv_fast.sinkhorn(s, a, b, iters=8, order=order),
+           lambda s, a, b: reference.sinkhorn(s, a, b, iters=8, order=order), inputs, torch.float32)
+    _, us, vs = torch.ops.tlv_fast.sinkhorn_fwd(scores.detach(), log_mu.detach(), log_nu.detach(), None, 8,
+                                                order == "col_first", None)
+    assert (us[:, 2:] - us[:, 1:-1]).abs().max() > 90  # the potentials did travel, beyond fp32's exp range
+
+
 def test_marginals_broadcast_over_the_batch():
     scores, log_mu, log_nu = _problem((4,), 6, 8, torch.float64)
     mu1 = log_mu[0].detach().requires_grad_()
@@ -169,3 +185,21 @@ def test_optimal_transport_bad_phi():
         tlv_fast.optimal_transport(attn, torch.zeros(2, device=DEVICE))
     with pytest.raises(ValueError, match="iters"):
         tlv_fast.optimal_transport(attn, 0.0, iters=0)
+
+
+def test_backward_op_opcheck():
+    scores, log_mu, log_nu = (t.detach() for t in _problem((2,), 5, 4, torch.float64, "upper"))
+    out, us, vs = torch.ops.tlv_fast.sinkhorn_fwd(scores, log_mu, log_nu, None, 3, True, None)
+    torch.library.opcheck(torch.ops.tlv_fast.sinkhorn_bwd.default,
+                          (torch.randn_like(out), scores, log_mu, log_nu, None, out, us, vs, True, None),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="checks the CPU dtype gap of the C++ path")
+def test_half_on_cpu_falls_back_to_the_reference_with_a_warning():
+    scores, log_mu, log_nu = (t.detach().half() for t in _problem((2,), 5, 4, torch.float64))
+    with pytest.warns(RuntimeWarning, match="float16"):
+        out = tlv_fast.sinkhorn(scores, log_mu, log_nu)
+    torch.testing.assert_close(out, reference.sinkhorn(scores, log_mu, log_nu))
+    with pytest.raises(RuntimeError, match="float16"):
+        tlv_fast.sinkhorn(scores, log_mu, log_nu, backend="cuda")

@@ -291,6 +291,7 @@ __global__ void __launch_bounds__(kThreads) sinkhorn_bwd_kernel(
     uh = us; vh = vs; duh = scratch; dvh = scratch + iters * Ma;
   }
   const A* uhr = uh + (RESIDENT ? 0 : r0);  // row il of the slab: uhr[t * ur + il]
+  __syncthreads();  // slab and histories loaded
 
   auto gval = [&](int il, int j) -> A {  // dL/d(log plan)
     const int64_t i = r0 + il;

@@ -95,7 +95,7 @@ def sinkhorn(scores, log_mu, log_nu, iters=10, order="col_first", backend="auto"
     Args:
         scores: (..., M, N) scores S (negative costs); -inf entries are excluded from the plan.
         log_mu: (..., M) log row marginals; log_nu: (..., N) log column marginals (leading dims broadcast to the
-            scores').
+            scores'). They must be finite (every marginal > 0): the backward divides by them (exp(u - log_mu)).
         iters: number of unrolled iteration pairs, from potentials u = v = 0.
         order: "col_first" (v then u in each iteration, as STTR) or "row_first" (u then v, as SuperGlue).
         backend: "auto" (csrc on CPU and CUDA tensors), "cuda" (csrc: C++ on CPU tensors, CUDA kernels on CUDA
