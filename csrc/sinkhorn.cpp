@@ -108,6 +108,17 @@ struct Problem {
     }
   }
 
+  // csum_j = sum_i exp(S_ij + u_i - shift_j)
+  void col_sums(const T* u, const T* shift, T* csum) const {
+    std::fill(csum, csum + Na, T(0));
+    for (int64_t i = 0; i < Ma; ++i) {
+      const T* row = S.data() + i * Na;
+      const T ui = u[i];
+#pragma omp simd
+      for (int64_t j = 0; j < Na; ++j) csum[j] += exp_approx(row[j] + ui - shift[j]);
+    }
+  }
+
   // v = log_nu - LSE_i(S + u); potential 0 for an empty column. v_prev as u_prev above
   void col_update(const T* u, const T* log_nu, int64_t s_nu, const T* v_prev, T* v) {
     T* shift = tmp.data();
@@ -118,13 +129,7 @@ struct Problem {
       shift[j] = log_nu[j * s_nu] - v_prev[j];
     }
     if (!exact) {
-      std::fill(csum, csum + Na, T(0));
-      for (int64_t i = 0; i < Ma; ++i) {
-        const T* row = S.data() + i * Na;
-        const T ui = u[i];
-#pragma omp simd
-        for (int64_t j = 0; j < Na; ++j) csum[j] += exp_approx(row[j] + ui - shift[j]);
-      }
+      col_sums(u, shift, csum);
       for (int64_t j = 0; j < Na && !exact; ++j) exact = !(csum[j] >= kLow && csum[j] <= kHigh);
     }
     if (exact) {
@@ -138,13 +143,7 @@ struct Problem {
           shift[j] = shift[j] > x ? shift[j] : x;
         }
       }
-      std::fill(csum, csum + Na, T(0));
-      for (int64_t i = 0; i < Ma; ++i) {
-        const T* row = S.data() + i * Na;
-        const T ui = u[i];
-#pragma omp simd
-        for (int64_t j = 0; j < Na; ++j) csum[j] += exp_approx(row[j] + ui - shift[j]);
-      }
+      col_sums(u, shift, csum);
     }
     for (int64_t j = 0; j < Na; ++j) {
       v[j] = shift[j] == kNegInf ? T(0) : log_nu[j * s_nu] - (shift[j] + std::log(csum[j]));
