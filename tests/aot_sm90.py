@@ -4,6 +4,7 @@ Triton's interpreter (on in the test session) replaces @triton.jit functions, so
 fresh process with TRITON_INTERPRET=0. Usage: python aot_sm90.py '<json list of cases>'; prints one JSON line with,
 per case, whether the PTX uses wgmma.
 """
+import importlib
 import json
 import os
 import sys
@@ -14,14 +15,14 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from tlv_fast.kernels import attention as ka  # noqa: E402
-
-_POINTER = {"Q", "K", "V", "Out", "DO", "DK", "DV", "DQ"}
-_FP32_POINTER = {"Lse", "Delta", "DMask", "DLse"}
+_POINTER = {"Q", "K", "V", "Out", "DO", "DK", "DV", "DQ", "QR", "KR"}
+_FP32_POINTER = {"Lse", "Delta", "DMask", "DLse", "Logits", "DLogits", "DQR", "DKR"}
 
 
-def compile_case(kernel, constexprs, dtype="bf16", mask_type="fp32", num_warps=4, num_stages=3):
-    fn = getattr(ka, kernel)
+def compile_case(kernel, constexprs, dtype="bf16", mask_type="fp32", num_warps=4, num_stages=3, module="attention",
+                 types=None):
+    """Compile `kernel` of kernels/<module>.py; pointer types by argument name (`types` overrides them)."""
+    fn = getattr(importlib.import_module(f"tlv_fast.kernels.{module}"), kernel)
     while not isinstance(fn, triton.runtime.JITFunction):  # unwrap @triton.heuristics
         fn = fn.fn
     ce = dict(constexprs)
@@ -32,6 +33,8 @@ def compile_case(kernel, constexprs, dtype="bf16", mask_type="fp32", num_warps=4
     for name in fn.arg_names:
         if name in ce:
             signature[name] = "constexpr"
+        elif types and name in types:
+            signature[name] = types[name]
         elif name in _POINTER:
             signature[name] = "*" + dtype
         elif name in _FP32_POINTER:

@@ -36,12 +36,17 @@ def assert_fa_rule(actual, reference, truth, dtype, kind, name="output"):
     err = (actual.double() - truth.double()).abs().max().item()
     ref_err = (reference.double() - truth.double()).abs().max().item()
     bound = 2 * ref_err + TOLERANCE[dtype][kind]
+    if INTERPRETED and dtype == torch.bfloat16 and truth.numel():
+        # Triton's interpreter converts fp32 -> bf16 by truncation (measured: 17.12 -> 17.0, torch gives 17.125):
+        # one more bf16 ulp of slack than the reference, which rounds to nearest
+        bound += truth.double().abs().max().item() * 2.0 ** -7
     assert err <= bound, f"{name}: max error {err:.3e} > 2 * {ref_err:.3e} + {TOLERANCE[dtype][kind]:.1e}"
 
 
 def dtype_params():
     """fp32, fp16, bf16. Under the interpreter, bf16 dots are upcast inside the kernel (Triton's interpreter computes
-    bf16 tl.dot wrongly, design.md), so there the bf16 case checks everything but the bf16 tensor-core product."""
+    bf16 tl.dot wrongly, design.md), so there the bf16 case checks everything but the bf16 tensor-core product; the
+    interpreter also truncates fp32 -> bf16 conversions (assert_fa_rule allows for it)."""
     bf16 = pytest.param(torch.bfloat16, id="bf16-interp-upcast" if INTERPRETED else "bf16")
     return [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"), bf16]
 

@@ -58,6 +58,18 @@ def test_kernels_lower_to_wgmma_for_sm90():
     assert all(uses_wgmma[:6]), f"no Hopper tensor-core instruction (wgmma) in some PTX: {uses_wgmma[:6]}"
 
 
+@pytest.mark.parametrize("sign", [1, -1])
+def test_relpos_kernels_lower_for_sm90(sign):
+    # STTR's shape class: d = 16, fp16; tl.gather of the positional bands must lower too
+    ce = dict(HEAD_DIM=16, HEAD_DIM_V=16, BLOCK_D=16, BLOCK_DV=16, CHECK_D=False, CHECK_DV=False, SIGN=sign,
+              MASK_UPPER=True, PRECISION="ieee", UPCAST=False, BLOCK_M=64, BLOCK_N=64, BLOCK_L=128)
+    cases = [dict(kernel="_relpos_fwd_kernel", module="relpos_attention", dtype="fp16",
+                  constexprs=dict(ce, RETURN_LOGITS=True, EVEN_M=False)),
+             dict(kernel="_relpos_bwd_kernel", module="relpos_attention", dtype="fp16", types={"DQ": "*fp32"},
+                  constexprs=dict(ce, HAS_DLOGITS=True))]
+    assert all(_compile(cases))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])

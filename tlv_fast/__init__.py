@@ -5,8 +5,8 @@ triton or touch CUDA; Triton kernels load, and the C++/CUDA ops compile (once, c
 """
 from . import nn
 from ._dispatch import BACKENDS
-from .ops import attention, optimal_transport, scaled_dot_product_attention, sinkhorn
+from .ops import attention, optimal_transport, relpos_attention, scaled_dot_product_attention, sinkhorn
 
 __version__ = "0.1.0"
-__all__ = ["BACKENDS", "attention", "nn", "optimal_transport", "scaled_dot_product_attention", "sinkhorn",
-           "__version__"]
+__all__ = ["BACKENDS", "attention", "nn", "optimal_transport", "relpos_attention", "scaled_dot_product_attention",
+           "sinkhorn", "__version__"]

@@ -118,3 +118,37 @@ def optimal_transport(attn, phi, iters=10, order="col_first"):
     log_mu, log_nu = dustbin_marginals(m, n, attn.dtype, attn.device)
     log_plan = sinkhorn(scores, log_mu.expand(*batch, m + 1), log_nu.expand(*batch, n + 1), iters, order)
     return torch.exp(log_plan + math.log(m + n))
+
+
+def relpos_rows(n_q, n_k, offset_sign, device=None):
+    """(Nq, Nk) table row used by query i and key j in relative-position attention: the offset
+    delta = offset_sign * (i - j) shifted to start at 0, i.e. row = delta + (Nk - 1) for offset_sign = +1 and
+    row = delta + (Nq - 1) for offset_sign = -1; rows run over Nq + Nk - 1 offsets in ascending order."""
+    i = torch.arange(n_q, device=device)[:, None]
+    j = torch.arange(n_k, device=device)[None, :]
+    return (i - j) + (n_k - 1) if offset_sign == 1 else (j - i) + (n_q - 1)
+
+
+def relpos_attention(q, k, v, qr, kr, offset_sign=1, mask_upper=False, return_logits=False):
+    """STTR's relative-position attention (Li et al. 2021; sttr-spec section 2), eagerly.
+
+    q (B, H, Nq, d), k (B, H, Nk, d), v (B, H, Nk, dv); qr, kr (Nq + Nk - 1, H, d) projected positional tables
+    indexed by relpos_rows. logits[b, h, i, j] = q_i.k_j + q_i.kr[row_ij] + qr[row_ij].k_j (the 1/sqrt(d) is already
+    folded into q and qr); mask_upper masks key j > i with -inf. Returns softmax(logits) v and, with
+    return_logits, the head-summed logits (B, Nq, Nk) in fp32 (-inf where masked). Softmax in fp32 for 16-bit inputs.
+    """
+    n_q, n_k = q.shape[-2], k.shape[-2]
+    rows = relpos_rows(n_q, n_k, offset_sign, q.device)  # (Nq, Nk)
+    b, h = q.shape[0], q.shape[1]
+    q_kr = q @ kr.permute(1, 2, 0)  # (B, H, Nq, R): q_i . kr[r]
+    k_qr = k @ qr.permute(1, 2, 0)  # (B, H, Nk, R): k_j . qr[r]
+    pos_q = torch.gather(q_kr, -1, rows.expand(b, h, n_q, n_k))
+    pos_k = torch.gather(k_qr, -1, rows.t().expand(b, h, n_k, n_q)).transpose(-2, -1)
+    logits = q @ k.transpose(-2, -1) + pos_q + pos_k
+    if mask_upper:
+        upper = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).triu(1)
+        logits = logits.masked_fill(upper, float("-inf"))
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    out = torch.softmax(logits, dim=-1).to(v.dtype) @ v
+    return (out, logits.float().sum(1)) if return_logits else out

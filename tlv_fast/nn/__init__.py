@@ -1,4 +1,5 @@
 """Thin modules over tlv_fast.ops."""
 from .optimal_transport import OptimalTransport
+from .relpos_attention import RelativeMultiheadAttention, sinusoidal_table
 
-__all__ = ["OptimalTransport"]
+__all__ = ["OptimalTransport", "RelativeMultiheadAttention", "sinusoidal_table"]

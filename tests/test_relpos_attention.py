@@ -1,0 +1,167 @@
+"""STTR's relative-position attention: the Triton kernel (through the interpreter on a CPU) against the eager
+reference — output, head-summed logits and all five gradients — and the module against an eager transcription of
+the spec's formula."""
+import math
+
+import pytest
+import torch
+
+import tlv_fast
+from tlv_fast import reference
+from tlv_fast.kernels import attention as attention_kernels
+
+from conftest import DEVICE, as_truth, assert_fa_rule, dtype_params
+
+
+def _inputs(B, H, nq, nk, d, dtype, dv=None):
+    g = [torch.randn(B, H, nq, d), torch.randn(B, H, nk, d), torch.randn(B, H, nk, dv or d),
+         torch.randn(nq + nk - 1, H, d), torch.randn(nq + nk - 1, H, d)]
+    return [(t * 0.7).to(device=DEVICE, dtype=dtype).requires_grad_() for t in g]
+
+
+def _check(inputs, sign, mask, dtype, return_logits=True):
+    kw = dict(offset_sign=sign, mask_upper=mask, return_logits=True)
+    out, logits = tlv_fast.relpos_attention(*inputs, **kw, backend="triton")
+    ref_out, ref_logits = reference.relpos_attention(*inputs, **kw)
+    truth_inputs = as_truth(*inputs)
+    truth_out, truth_logits = reference.relpos_attention(*truth_inputs, **kw)
+    finite = torch.isfinite(truth_logits)
+    assert torch.equal(torch.isfinite(logits), finite), "masked pattern of the logits differs"
+    assert_fa_rule(out, ref_out, truth_out, dtype, "fwd", "out")
+    assert_fa_rule(logits[finite], ref_logits[finite], truth_logits[finite], dtype, "fwd", "logits")
+    g = torch.randn_like(out)
+    gl = torch.randn_like(logits).masked_fill(~finite, 0.0) if return_logits else None
+
+    def loss(o, lg):
+        total = (o.double() * g.double()).sum()
+        return total + (lg.masked_fill(~finite, 0.0).double() * gl.double()).sum() if return_logits else total
+
+    grads = torch.autograd.grad(loss(out, logits), inputs)
+    ref_grads = torch.autograd.grad(loss(ref_out, ref_logits), inputs)
+    truth_grads = torch.autograd.grad(loss(truth_out, truth_logits), truth_inputs)
+    for name, a, r, t, x in zip(("dq", "dk", "dv", "dqr", "dkr"), grads, ref_grads, truth_grads, inputs):
+        assert a.shape == x.shape and a.dtype == x.dtype, name
+        assert_fa_rule(a, r, t, dtype, "bwd", name)
+
+
+@pytest.mark.parametrize("dtype", dtype_params())
+@pytest.mark.parametrize("mask", [False, True], ids=["full", "mask_upper"])
+@pytest.mark.parametrize("sign", [1, -1], ids=["sign+", "sign-"])
+@pytest.mark.parametrize("nq,nk", [(24, 24), (21, 13), (13, 30)], ids=["square", "Nq>Nk", "Nq<Nk"])
+def test_sttr_head_dim_16(nq, nk, sign, mask, dtype):
+    _check(_inputs(2, 2, nq, nk, 16, dtype), sign, mask, dtype)
+
+
+@pytest.mark.parametrize("d", [8, 32, 64, 40])
+@pytest.mark.parametrize("sign", [1, -1], ids=["sign+", "sign-"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_other_head_dims(d, sign, dtype):
+    _check(_inputs(1, 2, 19, 23, d, dtype), sign, sign == 1, dtype)
+
+
+@pytest.mark.parametrize("blocks", [(32, 16), (16, 32)], ids=lambda b: f"BM{b[0]}-BN{b[1]}")
+@pytest.mark.parametrize("sign", [1, -1], ids=["sign+", "sign-"])
+def test_unequal_tiles(blocks, sign):
+    with attention_kernels.force_blocks(*blocks):
+        _check(_inputs(1, 2, 37, 29, 16, torch.float32), sign, True, torch.float32)
+        _check(_inputs(1, 1, 29, 45, 16, torch.float32), sign, False, torch.float32)
+
+
+def test_value_head_dim_and_strided_inputs():
+    q, k, v, qr, kr = _inputs(2, 2, 17, 17, 16, torch.float32, dv=32)
+    base = torch.randn(2, 17, 2, 48, device=DEVICE)  # (R, N, H, C') projection output, viewed per head
+    q2 = base[..., :16].transpose(1, 2).detach().requires_grad_()
+    _check([q2, k, v, qr, kr], 1, False, torch.float32)
+
+
+def test_without_logits_and_deterministic_backward():
+    inputs = _inputs(2, 2, 20, 20, 16, torch.float32)
+    out = tlv_fast.relpos_attention(*inputs, backend="triton")
+    torch.testing.assert_close(out, reference.relpos_attention(*inputs), atol=2e-5, rtol=2e-5)
+    g = torch.randn_like(out)
+    a = torch.autograd.grad(tlv_fast.relpos_attention(*inputs, backend="triton"), inputs, g)
+    b = torch.autograd.grad(tlv_fast.relpos_attention(*inputs, backend="triton"), inputs, g)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_bad_input():
+    q, k, v, qr, kr = (t.detach() for t in _inputs(1, 2, 5, 6, 16, torch.float32))
+    with pytest.raises(ValueError, match="qr must be"):
+        tlv_fast.relpos_attention(q, k, v, qr[:-1], kr)
+    with pytest.raises(ValueError, match="offset_sign"):
+        tlv_fast.relpos_attention(q, k, v, qr, kr, offset_sign=0)
+    with pytest.raises(ValueError, match="k must be"):
+        tlv_fast.relpos_attention(q, k[..., :8], v, qr, kr)
+    with pytest.raises(ValueError, match="dtype"):
+        tlv_fast.relpos_attention(q, k.half(), v, qr, kr)
+    with pytest.raises(RuntimeError, match="float64"):
+        tlv_fast.relpos_attention(q.double(), k.double(), v.double(), qr.double(), kr.double(), backend="triton")
+
+
+def test_opcheck_and_compile():
+    q, k, v, qr, kr = _inputs(1, 2, 9, 7, 16, torch.float32)
+    torch.library.opcheck(torch.ops.tlv_fast.relpos_attention_fwd.default, (q, k, v, qr, kr, -1, True, True, "ieee"))
+    torch._dynamo.reset()
+    f = torch.compile(lambda *a: tlv_fast.relpos_attention(*a, mask_upper=True, return_logits=True, backend="triton"),
+                      fullgraph=True, backend="aot_eager")
+    out, logits = f(q, k, v, qr, kr)
+    ref_out, ref_logits = reference.relpos_attention(q, k, v, qr, kr, mask_upper=True, return_logits=True)
+    torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=2e-5)
+
+
+def _spec_attention(mha, x_q, x_kv, sign, mask, pos_scale):
+    """Eager transcription of sttr-spec 2.1-2.2 with per-pair positional encodings p_ij (N x N x C)."""
+    C, H = mha.embed_dim, mha.num_heads
+    d = C // H
+    w_q, w_k, w_v = mha.in_proj_weight.chunk(3)
+    b_q, b_k, b_v = mha.in_proj_bias.chunk(3)
+    n_q, n_k = x_q.shape[1], x_kv.shape[1]
+    i = torch.arange(n_q, device=DEVICE)[:, None]
+    j = torch.arange(n_k, device=DEVICE)[None, :]
+    offset = (sign * (i - j)).double() * pos_scale  # (Nq, Nk) pixels
+    omega = torch.pow(10000.0, -torch.arange(0, C, 2, device=DEVICE).double() / C)
+    ang = offset[..., None] * omega
+    p = torch.stack([ang.sin(), ang.cos()], -1).reshape(n_q, n_k, C).to(x_q.dtype)  # p[i, j] = PE(delta_ij)
+    q = (x_q @ w_q.t() + b_q) / math.sqrt(d)
+    k = x_kv @ w_k.t() + b_k
+    v = x_kv @ w_v.t() + b_v
+    qr = (p @ w_q.t() + b_q) / math.sqrt(d)  # (Nq, Nk, C)
+    kr = p @ w_k.t() + b_k
+    heads = lambda t: t.view(*t.shape[:-1], H, d)  # noqa: E731
+    qh, kh, vh, qrh, krh = heads(q), heads(k), heads(v), heads(qr), heads(kr)
+    logits = (torch.einsum("rihd,rjhd->rhij", qh, kh) + torch.einsum("rihd,ijhd->rhij", qh, krh)
+              + torch.einsum("ijhd,rjhd->rhij", qrh, kh))
+    if mask:
+        logits = logits.masked_fill(torch.ones(n_q, n_k, dtype=torch.bool, device=DEVICE).triu(1), float("-inf"))
+    attn = torch.softmax(logits, -1)
+    out = torch.einsum("rhij,rjhd->rihd", attn, vh).reshape(x_q.shape[0], n_q, C)
+    return mha.out_proj(out), logits.sum(1)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("sign,mask,cross", [(1, False, False), (1, True, True), (-1, False, True)],
+                         ids=["self", "left-query-masked", "right-query"])
+def test_module_matches_the_spec_formula(sign, mask, cross, backend):
+    torch.manual_seed(0)
+    mha = tlv_fast.nn.RelativeMultiheadAttention(32, 4, backend=backend).to(DEVICE).double()
+    with torch.no_grad():
+        mha.in_proj_bias.normal_()
+        mha.out_proj.bias.normal_()
+    mha = mha.float()
+    x = torch.randn(3, 11, 32, device=DEVICE)
+    y = torch.randn(3, 14, 32, device=DEVICE) if cross else x
+    out, logits = mha(x, y, y, offset_sign=sign, mask_upper=mask, return_logits=True, pos_scale=3.0)
+    want_out, want_logits = _spec_attention(mha, x, y, sign, mask, 3.0)
+    torch.testing.assert_close(out, want_out, atol=1e-4, rtol=1e-4)
+    finite = torch.isfinite(want_logits)
+    assert torch.equal(torch.isfinite(logits), finite)
+    torch.testing.assert_close(logits[finite], want_logits[finite], atol=1e-4, rtol=1e-4)
+    out.sum().backward()
+    assert mha.in_proj_weight.grad is not None and torch.isfinite(mha.in_proj_weight.grad).all()
+
+
+def test_module_parameter_names_match_sttr():
+    mha = tlv_fast.nn.RelativeMultiheadAttention(128, 8)
+    shapes = {k: tuple(v.shape) for k, v in mha.state_dict().items()}
+    assert shapes == {"in_proj_weight": (384, 128), "in_proj_bias": (384,), "out_proj.weight": (128, 128),
+                      "out_proj.bias": (128,)}
