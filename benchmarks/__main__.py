@@ -5,6 +5,7 @@
     python -m benchmarks attention --preset models              # ViT / BERT / GPT-decode / STTR shapes
     python -m benchmarks sinkhorn --preset h200 --dtype fp32    # 960 problems of 321 x 321, 10 iterations
     python -m benchmarks sinkhorn --preset cpu --dtype fp32     # the C++ CPU path: 64 problems
+    python -m benchmarks relpos --preset sttr --dtype fp16      # STTR attention: 960 lines, W = 320, 8 x 16
 
 Attention on a machine without CUDA runs the tiny `smoke` preset and says that the numbers are not speed. The
 Sinkhorn `cpu` preset measures the C++ CPU implementation, which is what runs on CPU tensors.
@@ -15,12 +16,13 @@ import sys
 
 import torch
 
-from . import attention, sinkhorn
+from . import attention, relpos, sinkhorn
 from .common import Progress, bench_ms, environment, plot, print_table, write_csv
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
-OPS = {"attention": attention, "sinkhorn": sinkhorn}
-UNITS = {"tflops": "TFLOP/s", "gbps": "GB/s against the one-read-one-write floor", "ms": "median ms"}
+OPS = {"attention": attention, "sinkhorn": sinkhorn, "relpos": relpos}
+UNITS = {"tflops": "TFLOP/s", "gbps": "GB/s against the one-read-one-write floor", "ms": "median ms",
+         "peak_MiB": "MiB peak memory beyond the inputs"}
 
 
 def main(argv=None):
@@ -28,20 +30,21 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("op", nargs="?", default="attention", choices=list(OPS))
     p.add_argument("--preset", default=None, help="attention: milestone, sweep, models, smoke; "
-                                                  "sinkhorn: h200, cpu, sizes, smoke")
+                                                  "sinkhorn: h200, cpu, sizes, smoke; relpos: sttr, smoke")
     p.add_argument("--providers", default=None, help="comma-separated subset of the op's providers")
-    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default bf16 (attention), fp32 (sinkhorn)")
+    p.add_argument("--dtype", default=None, choices=list(DTYPES),
+                   help="default bf16 (attention), fp32 (sinkhorn), fp16 (relpos)")
     p.add_argument("--out", default="bench_out", help="folder for the CSV and the PNG")
     args = p.parse_args(argv)
     op = OPS[args.op]
-    dtype_name = args.dtype or ("fp32" if args.op == "sinkhorn" else "bf16")
+    dtype_name = args.dtype or {"sinkhorn": "fp32", "relpos": "fp16"}.get(args.op, "bf16")
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     env = environment()
     preset = args.preset or op.default_preset(device)
-    not_speed = device == "cpu" and args.op == "attention"
+    not_speed = device == "cpu" and args.op != "sinkhorn"
     if not_speed:
-        print("No CUDA device: attention runs on the CPU. THESE NUMBERS ARE NOT SPEED; they only show that the "
+        print(f"No CUDA device: {args.op} runs on the CPU. THESE NUMBERS ARE NOT SPEED; they only show that the "
               "runner works (tlv_fast resolves to its reference backend on CPU tensors).")
     providers = args.providers.split(",") if args.providers else (op.PROVIDERS if device == "cuda" else
                                                                   op.CPU_PROVIDERS)
@@ -59,7 +62,8 @@ def main(argv=None):
                 f"{r['ms']:.3f} ms {r[op.METRIC]:.1f} {UNITS[op.METRIC].split()[0]}" if r["status"] == "ok"
                 else r["status"]))
 
-    for metric in (op.METRIC, "ms"):
+    metrics = list(dict.fromkeys([op.METRIC, "ms"] + (["peak_MiB"] if any("peak_MiB" in r for r in rows) else [])))
+    for metric in metrics:
         table = []
         for case in cases:
             line = {"case": case.name, "mode": case.mode}

@@ -141,3 +141,24 @@ def test_optimal_transport_cuda_deterministic():
     phi = torch.tensor(0.0, device="cuda", requires_grad=True)
     grads = [torch.autograd.grad(tlv_fast.optimal_transport(attn, phi).square().sum(), (attn, phi)) for _ in range(2)]
     assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+# ---- STTR relative-position attention at STTR's shape class ------------------------------------------------------
+@pytest.mark.parametrize("sign,mask", [(1, False), (-1, False), (1, True)], ids=["self", "right-query", "masked"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_relpos_sttr_shape(sign, mask, dtype):
+    from test_relpos_attention import _check, _inputs
+    _check(_inputs(8, 8, 320, 320, 16, dtype), sign, mask, dtype)
+
+
+def test_relpos_memory_is_linear_in_width():
+    from test_relpos_attention import _inputs
+    q, k, v, qr, kr = (t.detach() for t in _inputs(960, 8, 320, 320, 16, torch.float16))
+    tlv_fast.relpos_attention(q, k, v, qr, kr)  # compile outside the measurement
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    tlv_fast.relpos_attention(q, k, v, qr, kr)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - base
+    assert extra <= 1.2 * (q.numel() * 2 + 960 * 8 * 320 * 4), f"{extra / 2**20:.0f} MiB"  # out + lse
