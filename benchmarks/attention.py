@@ -8,6 +8,8 @@ import torch
 import tlv_fast
 from tlv_fast import reference
 
+from .common import guarded
+
 METRIC = "tflops"
 PROVIDERS = ["eager", "tlv_fast", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "flex", "fa2"]
 CPU_PROVIDERS = ["eager", "tlv_fast", "sdpa"]
@@ -128,7 +130,9 @@ def run_case(case, provider, dtype, device, bench_ms):
            "Nk": case.Nk, "D": case.D, "causal": case.causal, "mask": case.mask, "dtype": str(dtype).split(".")[-1],
            "panel": f"{case.mode} D{case.D}{' causal' if case.causal else ''}"
                     f"{' ' + case.mask if case.mask != 'none' else ''}", "size": case.Nk}
-    try:
+
+    def measure():
+        extra = {}
         q, k, v, mask, lengths = _inputs(case, dtype, device)
         fn = provider_fn(provider, case, lengths, device)
         if case.mode == "fwd":
@@ -148,14 +152,8 @@ def run_case(case, provider, dtype, device, bench_ms):
         m0 = mask[:1] if mask is not None else None
         want = reference.attention(*(t.detach()[:1, :1].float() for t in (q, k, v)), m0,
                                    causal="top_left" if case.causal else None)
-        row["max_err"] = (out.detach()[:1, :1].float() - want).abs().max().item()
-        row.update(status="ok", ms=ms, tflops=case.flops() / ms * 1e-9,
-                   gbps=case.io_bytes(q.element_size()) / ms * 1e-6 if case.mode == "fwd" else None)
-    except torch.cuda.OutOfMemoryError:
-        row["status"] = "oom"
-    except Exception as e:  # a provider that cannot run this case (no kernel, missing package)
-        row["status"] = f"n/a: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
-    finally:
-        if device == "cuda":
-            torch.cuda.empty_cache()
-    return row
+        extra["max_err"] = (out.detach()[:1, :1].float() - want).abs().max().item()
+        return dict(extra, ms=ms, tflops=case.flops() / ms * 1e-9,
+                    gbps=case.io_bytes(q.element_size()) / ms * 1e-6 if case.mode == "fwd" else None)
+
+    return guarded(row, measure, device)

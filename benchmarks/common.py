@@ -37,6 +37,21 @@ def bench_ms(fn, device, grad_to_none=None):
     return statistics.median(times)
 
 
+def guarded(row, measure, device):
+    """row updated with measure()'s fields and status "ok", or the reason it could not run (oom, n/a: ...)."""
+    try:
+        row.update(measure())
+        row["status"] = "ok"
+    except torch.cuda.OutOfMemoryError:
+        row["status"] = "oom"
+    except Exception as e:  # a provider that cannot run this case (no kernel, missing package, unsupported input)
+        row["status"] = f"n/a: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
+    finally:
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return row
+
+
 class Progress:
     def __init__(self, total, label):
         self.total, self.done, self.label, self.t0 = total, 0, label, time.time()

@@ -7,6 +7,8 @@ import torch
 import tlv_fast
 from tlv_fast import reference
 
+from .common import guarded
+
 METRIC = "ms"
 PROVIDERS = ["eager", "flex-table", "tlv_fast"]
 CPU_PROVIDERS = ["eager", "tlv_fast"]
@@ -72,7 +74,9 @@ def provider_fn(name, case):
 def run_case(case, provider, dtype, device, bench_ms):
     row = {"case": case.name, "provider": provider, "mode": case.mode, "B": case.B, "H": case.H, "W": case.W,
            "d": case.d, "dtype": str(dtype).split(".")[-1], "panel": case.mode, "size": case.W}
-    try:
+
+    def measure():
+        extra = {}
         g = torch.Generator().manual_seed(0)
         shape = (case.B, case.H, case.W, case.d)
         tabs = (2 * case.W - 1, case.H, case.d)
@@ -100,16 +104,10 @@ def run_case(case, provider, dtype, device, bench_ms):
                 torch.autograd.backward(call(), gouts)
             ms = bench_ms(step, device, grad_to_none=[q, k, v, qr, kr])
         if device == "cuda":
-            row["peak_MiB"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+            extra["peak_MiB"] = (torch.cuda.max_memory_allocated() - base) / 2**20
         want = reference.relpos_attention(*(t.detach()[:1].float() for t in (q, k, v)), qr.detach().float(),
                                           kr.detach().float(), 1, case.mask)
-        row["max_err"] = (outs[0].detach()[:1].float() - want).abs().max().item()
-        row.update(status="ok", ms=ms)
-    except torch.cuda.OutOfMemoryError:
-        row["status"] = "oom"
-    except Exception as e:  # a provider that cannot run this case
-        row["status"] = f"n/a: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
-    finally:
-        if device == "cuda":
-            torch.cuda.empty_cache()
-    return row
+        extra["max_err"] = (outs[0].detach()[:1].float() - want).abs().max().item()
+        return dict(extra, ms=ms)
+
+    return guarded(row, measure, device)

@@ -8,6 +8,8 @@ import torch
 import tlv_fast
 from tlv_fast import reference
 
+from .common import guarded
+
 METRIC = "gbps"
 PROVIDERS = ["eager", "compiled", "tlv_fast"]
 CPU_PROVIDERS = ["eager", "tlv_fast"]
@@ -57,7 +59,9 @@ def provider_fn(name, device):
 def run_case(case, provider, dtype, device, bench_ms):
     row = {"case": case.name, "provider": provider, "mode": case.mode, "B": case.B, "M": case.M, "N": case.N,
            "iters": case.iters, "dtype": str(dtype).split(".")[-1], "panel": case.mode, "size": case.N}
-    try:
+
+    def measure():
+        extra = {}
         g = torch.Generator(device="cpu").manual_seed(0)
         s = (3 * torch.randn(case.B, case.M, case.N, generator=g)).to(device=device, dtype=dtype)
         a = torch.full((case.B, case.M), -math.log(case.M), device=device, dtype=dtype)
@@ -73,13 +77,7 @@ def run_case(case, provider, dtype, device, bench_ms):
             gout = torch.randn_like(out)
             ms = bench_ms(lambda: fn(s, a, b, case.iters).backward(gout), device, grad_to_none=[s])
         want = reference.sinkhorn(s.detach()[:1].double(), a[:1].double(), b[:1].double(), case.iters)
-        row["max_err"] = (out.detach()[:1].double() - want).abs().max().item()
-        row.update(status="ok", ms=ms, gbps=case.floor_bytes(s.element_size()) / ms * 1e-6)
-    except torch.cuda.OutOfMemoryError:
-        row["status"] = "oom"
-    except Exception as e:  # a provider that cannot run this case
-        row["status"] = f"n/a: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
-    finally:
-        if device == "cuda":
-            torch.cuda.empty_cache()
-    return row
+        extra["max_err"] = (out.detach()[:1].double() - want).abs().max().item()
+        return dict(extra, ms=ms, gbps=case.floor_bytes(s.element_size()) / ms * 1e-6)
+
+    return guarded(row, measure, device)
