@@ -9,7 +9,7 @@ import torch
 
 
 def attention(q, k, v, attn_mask=None, dropout_p=0.0, causal=None, scale=None, return_lse=False,
-              dropout_mask=None):
+              dropout_mask=None, return_weights=False):
     """softmax(q k^T * scale + mask) v, eagerly, for tensors (..., H, N, D) with any matching leading dims.
 
     Args:
@@ -22,6 +22,7 @@ def attention(q, k, v, attn_mask=None, dropout_p=0.0, causal=None, scale=None, r
         scale: multiplier of q k^T; default 1 / sqrt(D).
         return_lse: also return the natural-log logsumexp of each row's logits, (..., Hq, Nq) fp32.
         dropout_mask: bool keep mask broadcastable to (..., Hq, Nq, Nk); replaces random dropout (tests).
+        return_weights: also return the attention weights (..., Hq, Nq, Nk) as applied to v (after dropout).
 
     Scores are formed in the input dtype, the softmax in fp32 for 16-bit inputs (as eager attention usually is)
     and in the input dtype otherwise, the product with v in the input dtype. A row in which every key is masked gives output 0, gradient 0 and lse -inf.
@@ -57,7 +58,8 @@ def attention(q, k, v, attn_mask=None, dropout_p=0.0, causal=None, scale=None, r
     elif dropout_p > 0.0:
         p = torch.nn.functional.dropout(p, dropout_p)
     out = p @ v
-    return (out, lse) if return_lse else out
+    extra = ((lse,) if return_lse else ()) + ((p,) if return_weights else ())
+    return (out, *extra) if extra else out
 
 
 def sinkhorn(scores, log_mu, log_nu, iters=10, order="col_first"):

@@ -1,0 +1,101 @@
+"""tlv_fast.nn.MultiheadAttention against torch.nn.MultiheadAttention with the same weights: outputs, weights and
+gradients over the constructor options, layouts and mask conventions."""
+import pytest
+import torch
+from torch import nn
+
+import tlv_fast
+
+from conftest import DEVICE
+
+E, H, L, S, N = 32, 4, 7, 9, 3
+
+
+def _pair(backend="triton", **kw):
+    torch.manual_seed(0)
+    ref = nn.MultiheadAttention(E, H, **kw).to(DEVICE)
+    with torch.no_grad():
+        for p in ref.parameters():  # non-zero biases so that every term is checked
+            if p.dim() == 1:
+                p.normal_()
+    ours = tlv_fast.nn.MultiheadAttention.from_torch(ref, backend=backend)
+    return ref, ours
+
+
+def _inputs(batch_first=False, kdim=E, vdim=E, batched=True):
+    def t(n, e):
+        shape = ((N, n, e) if batch_first else (n, N, e)) if batched else (n, e)
+        return torch.randn(shape, device=DEVICE, requires_grad=True)
+    return t(L, E), t(S, kdim), t(S, vdim)
+
+
+def _compare(ref, ours, inputs, atol=2e-5, **kw):
+    out_r, w_r = ref(*inputs, **kw)
+    out_o, w_o = ours(*inputs, **kw)
+    torch.testing.assert_close(out_o, out_r, atol=atol, rtol=atol)
+    if w_r is None:
+        assert w_o is None
+    else:
+        torch.testing.assert_close(w_o, w_r, atol=atol, rtol=atol)
+    g = torch.randn_like(out_r)
+    gr = torch.autograd.grad(out_r, list(inputs) + list(ref.parameters()), g)
+    go = torch.autograd.grad(out_o, list(inputs) + list(ours.parameters()), g)
+    for a, b in zip(go, gr):
+        torch.testing.assert_close(a, b, atol=10 * atol, rtol=10 * atol)
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+@pytest.mark.parametrize("opts", [{}, {"batch_first": True}, {"bias": False}, {"kdim": 24, "vdim": 40},
+                                  {"add_bias_kv": True}, {"add_zero_attn": True},
+                                  {"add_bias_kv": True, "add_zero_attn": True, "batch_first": True}],
+                         ids=["default", "batch_first", "no-bias", "kdim-vdim", "bias_kv", "zero_attn", "all"])
+def test_matches_torch(opts, need_weights):
+    ref, ours = _pair(**opts)
+    inputs = _inputs(opts.get("batch_first", False), opts.get("kdim", E), opts.get("vdim", E))
+    kpm = torch.zeros(N, S, dtype=torch.bool, device=DEVICE)
+    kpm[1, 5:] = True
+    _compare(ref, ours, inputs, need_weights=need_weights, key_padding_mask=kpm)
+
+
+@pytest.mark.parametrize("kind", ["bool", "float"])
+@pytest.mark.parametrize("shape", ["2d", "3d"])
+@pytest.mark.parametrize("with_kpm", [False, True])
+def test_masks(kind, shape, with_kpm):
+    ref, ours = _pair(batch_first=True)
+    inputs = _inputs(True)
+    mask = torch.rand((L, S) if shape == "2d" else (N * H, L, S), device=DEVICE) < 0.3
+    mask[..., 0] = False  # every query keeps a key (torch gives NaN otherwise)
+    if kind == "float":
+        mask = torch.randn(mask.shape, device=DEVICE).masked_fill(mask, float("-inf"))
+    kpm = None
+    if with_kpm:
+        kpm = torch.zeros(N, S, device=DEVICE).masked_fill(torch.arange(S, device=DEVICE) > 6, float("-inf"))
+        if kind == "bool":
+            kpm = kpm.isinf()
+    for need_weights in (False, True):
+        _compare(ref, ours, inputs, attn_mask=mask, key_padding_mask=kpm, need_weights=need_weights)
+
+
+def test_causal_hint_and_unbatched_and_average_flag():
+    ref, ours = _pair()
+    causal = nn.Transformer.generate_square_subsequent_mask(L, device=DEVICE)
+    x = torch.randn(L, N, E, device=DEVICE, requires_grad=True)
+    _compare(ref, ours, (x, x, x), attn_mask=causal, is_causal=True, need_weights=False)
+    _compare(ref, ours, (x, x, x), attn_mask=causal, is_causal=True, need_weights=True, average_attn_weights=False)
+    _compare(ref, ours, _inputs(batched=False), need_weights=True)
+    with pytest.raises(RuntimeError, match="is_causal"):
+        ours(x, x, x, is_causal=True)
+
+
+def test_same_state_dict_keys_and_training_dropout():
+    ref, ours = _pair(add_bias_kv=True, kdim=24, vdim=40, dropout=0.5)
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    assert isinstance(ours, nn.MultiheadAttention)
+    ours.train()
+    inputs = [t.detach() for t in _inputs(kdim=24, vdim=40)]
+    a, _ = ours(*inputs, need_weights=False)
+    b, _ = ours(*inputs, need_weights=False)
+    assert not torch.allclose(a, b)  # dropout is on in training mode
+    ours.eval()
+    torch.testing.assert_close(ours(*inputs, need_weights=False)[0], ref.eval()(*inputs, need_weights=False)[0],
+                               atol=2e-5, rtol=2e-5)
