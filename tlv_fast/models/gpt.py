@@ -1,0 +1,123 @@
+"""GPT (GPT-2 architecture): learned positions, causal pre-norm decoder, tied LM head, KV-cache generation."""
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..nn.block import MLP, Block, SelfAttention, init_weights
+from .configs import (GPT_PRESETS, GPTConfig, gpt_config_from_hf, gpt_from_hf_state_dict, gpt_hf_config,
+                      gpt_to_hf_state_dict, load_hf_directory)
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        c = self.config = config
+        self.wte = nn.Embedding(c.vocab_size, c.dim)
+        self.wpe = nn.Embedding(c.n_positions, c.dim)
+        self.drop = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList(
+            Block(c.dim, SelfAttention(c.dim, c.n_head, causal=True, dropout=c.dropout, backend=c.backend),
+                  MLP(c.dim, c.mlp_hidden, approximate="tanh"), norm_first=True, eps=c.eps, dropout=c.dropout)
+            for _ in range(c.n_layer))
+        self.ln_f = nn.LayerNorm(c.dim, eps=c.eps)
+        init_weights(self)
+
+    # ---- construction -------------------------------------------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name, **overrides):
+        if name not in GPT_PRESETS:
+            raise ValueError(f"unknown GPT preset {name!r}; presets: {sorted(GPT_PRESETS)}")
+        return cls(GPTConfig(**{**GPT_PRESETS[name], **overrides}))
+
+    @classmethod
+    def from_hf(cls, model_or_path, **overrides):
+        """From a transformers GPT2Model / GPT2LMHeadModel, or a local checkpoint directory."""
+        if isinstance(model_or_path, (str, bytes)) or hasattr(model_or_path, "__fspath__"):
+            hf_config, sd = load_hf_directory(model_or_path, "GPT2LMHeadModel")
+        else:
+            hf_config, sd = model_or_path.config, model_or_path.state_dict()
+        model = cls(dataclasses.replace(gpt_config_from_hf(hf_config), **overrides))
+        model.load_state_dict(gpt_from_hf_state_dict(sd), strict=True)
+        return model
+
+    def to_hf_state_dict(self, lm_head=True):
+        """State dict for transformers' GPT2LMHeadModel (GPT2Model's with lm_head=False)."""
+        return gpt_to_hf_state_dict(self.state_dict(), lm_head)
+
+    def hf_config(self):
+        return gpt_hf_config(self.config)
+
+    # ---- forward ------------------------------------------------------------------------------------------------
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, labels=None):
+        """input_ids (B, N); attention_mask (B, past + N), 1 for tokens and 0 for (left) padding; position_ids
+        (B, N), default past .. past + N - 1 (generate() counts real tokens only, as transformers does); cache: a
+        list of per-layer dicts filled and extended in place (decode steps pass only the new tokens). Returns a dict
+        with logits (B, N, vocab) and, given labels (B, N; -100 ignored), the next-token cross-entropy loss."""
+        B, N = input_ids.shape
+        past = cache[0]["k"].shape[2] if cache and "k" in cache[0] else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + N, device=input_ids.device)[None]
+        if past + N > self.config.n_positions:
+            raise ValueError(f"sequence of {past + N} tokens exceeds n_positions = {self.config.n_positions}")
+        x = self.drop(self.wte(input_ids) + self.wpe(position_ids))
+        keys = attention_mask.bool() if attention_mask is not None else None
+        for i, block in enumerate(self.blocks):
+            x = block(x, key_padding_mask=keys, cache=cache[i] if cache is not None else None)
+        logits = F.linear(self.ln_f(x), self.wte.weight)  # tied head
+        out = {"logits": logits}
+        if labels is not None:
+            out["loss"] = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                          ignore_index=-100)
+        return out
+
+    # ---- generation ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, input_ids, max_new_tokens, attention_mask=None, do_sample=None, temperature=1.0, top_k=None,
+                 top_p=None, eos_token_id=None, pad_token_id=None, generator=None):
+        """Append up to max_new_tokens tokens: greedy (do_sample=False, the default unless temperature != 1,
+        top_k or top_p is given) or sampled from softmax(logits / temperature) restricted to the top_k tokens and
+        to the smallest set whose probability exceeds top_p. Batches may be left-padded (attention_mask 0 on the
+        left). Sequences that produce eos_token_id continue with pad_token_id. Returns (B, N + new)."""
+        if do_sample is None:
+            do_sample = temperature != 1.0 or top_k is not None or top_p is not None
+        if do_sample and temperature <= 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+        mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+        cache = [{} for _ in self.blocks]
+
+        def positions(mask, n):  # as transformers: left padding does not count
+            return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, -n:]
+        logits = self(input_ids, attention_mask=mask, position_ids=positions(mask, input_ids.shape[1]),
+                      cache=cache)["logits"][:, -1]
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        ids = input_ids
+        for step in range(max_new_tokens):
+            nxt = _pick(logits.float(), do_sample, temperature, top_k, top_p, generator)
+            if eos_token_id is not None:
+                if pad_token_id is not None:
+                    nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)
+                done = done | (nxt == eos_token_id)
+            ids = torch.cat([ids, nxt[:, None]], dim=1)
+            if step == max_new_tokens - 1 or (eos_token_id is not None and bool(done.all())):
+                break
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            logits = self(nxt[:, None], attention_mask=mask, position_ids=positions(mask, 1), cache=cache)["logits"][:, -1]
+        return ids
+
+
+def _pick(logits, do_sample, temperature, top_k, top_p, generator):
+    if not do_sample:
+        return logits.argmax(-1)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix whose mass exceeds top_p
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]

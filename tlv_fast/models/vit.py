@@ -1,0 +1,100 @@
+"""ViT: linear patch embedding (or a hybrid CNN stem with patch size 1), a prepended class token, learned 1-D
+positions (interpolated for other image sizes), pre-norm encoder, MLP head on [CLS]."""
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..nn.block import MLP, Block, SelfAttention, init_weights
+from .configs import (VIT_PRESETS, ViTConfig, load_hf_directory, vit_config_from_hf, vit_from_hf_state_dict,
+                      vit_hf_config, vit_to_hf_state_dict)
+
+
+class ViT(nn.Module):
+    def __init__(self, config: ViTConfig):
+        super().__init__()
+        c = self.config = config
+        stem, ch, stride = [], c.in_channels, 1
+        for out_ch in c.stem_channels:
+            stem += [nn.Conv2d(ch, out_ch, 3, 2, 1, bias=False), nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True)]
+            ch, stride = out_ch, stride * 2
+        self.stem = nn.Sequential(*stem)
+        patch = 1 if c.stem_channels else c.patch_size
+        self.feature_stride = stride * patch
+        self.patch_embed = nn.Conv2d(ch, c.dim, patch, patch)
+        grid = c.image_size // self.feature_stride
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, c.dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + grid * grid, c.dim))
+        self.drop = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList(
+            Block(c.dim, SelfAttention(c.dim, c.n_head, dropout=c.dropout, backend=c.backend),
+                  MLP(c.dim, c.mlp_hidden), norm_first=True, eps=c.eps, dropout=c.dropout)
+            for _ in range(c.n_layer))
+        self.norm = nn.LayerNorm(c.dim, eps=c.eps)
+        if c.pooler:
+            self.pooler = nn.Linear(c.dim, c.dim)
+        if c.num_classes:
+            self.head = nn.Linear(c.dim, c.num_classes)
+        init_weights(self)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+
+    @classmethod
+    def from_preset(cls, name, **overrides):
+        if name not in VIT_PRESETS:
+            raise ValueError(f"unknown ViT preset {name!r}; presets: {sorted(VIT_PRESETS)}")
+        return cls(ViTConfig(**{**VIT_PRESETS[name], **overrides}))
+
+    @classmethod
+    def from_hf(cls, model_or_path, **overrides):
+        """From a transformers ViTModel or ViTForImageClassification (either transformers 4 or 5 module layout),
+        or a local checkpoint directory."""
+        if isinstance(model_or_path, (str, bytes)) or hasattr(model_or_path, "__fspath__"):
+            hf_config, sd = load_hf_directory(model_or_path, "AutoModel")
+        else:
+            hf_config, sd = model_or_path.config, model_or_path.state_dict()
+        sd = vit_from_hf_state_dict(sd)
+        num_classes = sd["head.weight"].shape[0] if "head.weight" in sd else 0
+        model = cls(dataclasses.replace(vit_config_from_hf(hf_config, num_classes, "pooler.weight" in sd),
+                                        **overrides))
+        model.load_state_dict(sd, strict=True)
+        return model
+
+    def to_hf_state_dict(self, naming=None, prefix="vit."):
+        return vit_to_hf_state_dict(self.state_dict(), naming, prefix)
+
+    def hf_config(self):
+        return vit_hf_config(self.config)
+
+    def position_embeddings(self, grid_h, grid_w):
+        """The learned positions for a grid_h x grid_w patch grid: bicubic interpolation of the trained grid when
+        it differs (as transformers' interpolate_pos_encoding)."""
+        n = self.pos_embed.shape[1] - 1
+        side = int(round(n ** 0.5))
+        if grid_h == side and grid_w == side:
+            return self.pos_embed
+        patch_pos = self.pos_embed[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        patch_pos = F.interpolate(patch_pos, size=(grid_h, grid_w), mode="bicubic", align_corners=False)
+        return torch.cat([self.pos_embed[:, :1], patch_pos.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1)], 1)
+
+    def forward(self, pixel_values, labels=None):
+        """pixel_values (B, C, H, W) with H, W multiples of the feature stride (any size: positions are
+        interpolated). Returns a dict: hidden (B, 1 + patches, dim) after the final norm, pooled (with the pooler),
+        logits (with the head) and loss given labels."""
+        x = self.patch_embed(self.stem(pixel_values))  # (B, dim, h, w)
+        B, C, h, w = x.shape
+        x = x.flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x], dim=1) + self.position_embeddings(h, w)
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x)
+        x = self.norm(x)
+        out = {"hidden": x}
+        if self.config.pooler:
+            out["pooled"] = torch.tanh(self.pooler(x[:, 0]))
+        if self.config.num_classes:
+            out["logits"] = self.head(x[:, 0])
+            if labels is not None:
+                out["loss"] = F.cross_entropy(out["logits"].float(), labels)
+        return out
