@@ -6,6 +6,7 @@
     python -m benchmarks sinkhorn --preset h200 --dtype fp32    # 960 problems of 321 x 321, 10 iterations
     python -m benchmarks sinkhorn --preset cpu --dtype fp32     # the C++ CPU path: 64 problems
     python -m benchmarks relpos --preset sttr --dtype fp16      # STTR attention: 960 lines, W = 320, 8 x 16
+    python -m benchmarks models --preset anchors                # BERT-base, GPT-2 small, ViT-B/16 vs transformers
 
 Attention on a machine without CUDA runs the tiny `smoke` preset and says that the numbers are not speed. The
 Sinkhorn `cpu` preset measures the C++ CPU implementation, which is what runs on CPU tensors.
@@ -16,11 +17,11 @@ import sys
 
 import torch
 
-from . import attention, relpos, sinkhorn
+from . import attention, models, relpos, sinkhorn
 from .common import Progress, bench_ms, environment, plot, print_table, write_csv
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
-OPS = {"attention": attention, "sinkhorn": sinkhorn, "relpos": relpos}
+OPS = {"attention": attention, "sinkhorn": sinkhorn, "relpos": relpos, "models": models}
 UNITS = {"tflops": "TFLOP/s", "gbps": "GB/s against the one-read-one-write floor", "ms": "median ms",
          "peak_MiB": "MiB peak memory beyond the inputs"}
 
@@ -30,14 +31,16 @@ def main(argv=None):
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("op", nargs="?", default="attention", choices=list(OPS))
     p.add_argument("--preset", default=None, help="attention: milestone, sweep, models, smoke; "
-                                                  "sinkhorn: h200, cpu, sizes, smoke; relpos: sttr, smoke")
+                                                  "sinkhorn: h200, cpu, sizes, smoke; relpos: sttr, smoke; "
+                                                  "models: anchors, smoke")
     p.add_argument("--providers", default=None, help="comma-separated subset of the op's providers")
     p.add_argument("--dtype", default=None, choices=list(DTYPES),
-                   help="default bf16 (attention), fp32 (sinkhorn), fp16 (relpos)")
+                   help="default bf16 (attention, models), fp32 (sinkhorn), fp16 (relpos)")
     p.add_argument("--out", default="bench_out", help="folder for the CSV and the PNG")
     args = p.parse_args(argv)
     op = OPS[args.op]
-    dtype_name = args.dtype or {"sinkhorn": "fp32", "relpos": "fp16"}.get(args.op, "bf16")
+    dtype_name = args.dtype or {"sinkhorn": "fp32", "relpos": "fp16", "models": "fp32" if not torch.cuda.is_available()
+                                else "bf16"}.get(args.op, "bf16")
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     env = environment()

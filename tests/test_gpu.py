@@ -162,3 +162,21 @@ def test_relpos_memory_is_linear_in_width():
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
     assert extra <= 1.2 * (q.numel() * 2 + 960 * 8 * 320 * 4), f"{extra / 2**20:.0f} MiB"  # out + lse
+
+
+# ---- models on the GPU (no transformers needed) ----------------------------------------------------------------
+@pytest.mark.parametrize("name", ["gpt", "bert", "vit"])
+def test_models_triton_equals_reference(name):
+    from tlv_fast.models import BERT, GPT, ViT
+    torch.manual_seed(0)
+    cls = {"gpt": GPT, "bert": BERT, "vit": ViT}[name]
+    model = cls.from_preset("tiny").cuda().eval()
+    x = torch.randn(2, 3, 32, 32, device="cuda") if name == "vit" else torch.randint(0, 256, (2, 24), device="cuda")
+    key = {"gpt": "logits", "bert": "mlm_logits", "vit": "logits"}[name]
+    outs = []
+    for backend in ("triton", "reference"):
+        for m in model.modules():
+            if hasattr(m, "backend"):
+                m.backend = backend
+        outs.append(model(x)[key])
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-3, rtol=1e-3)

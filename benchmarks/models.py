@@ -1,0 +1,92 @@
+"""Whole-model benchmark: tlv_fast's BERT / GPT / ViT side by side with Hugging Face transformers (eager and sdpa
+attention) built from the same configs with random weights; ms and peak memory."""
+import dataclasses
+
+import torch
+
+from tlv_fast.models import BERT, GPT, ViT
+
+from .common import guarded
+
+METRIC = "ms"
+PROVIDERS = ["hf-eager", "hf-sdpa", "tlv_fast"]
+CPU_PROVIDERS = ["hf-sdpa", "tlv_fast"]
+
+
+def default_preset(device):
+    return "anchors" if device == "cuda" else "smoke"
+
+
+@dataclasses.dataclass
+class Case:
+    name: str
+    model: str  # "bert" | "gpt" | "vit"
+    preset: str
+    B: int
+    N: int  # tokens, or image side for ViT
+    mode: str = "fwd"
+
+
+def presets(name):
+    if name == "anchors":  # ../shared/anchors.md "whole models"
+        return [Case("BERT-base fwd B32 S512", "bert", "bert-base", 32, 512),
+                Case("GPT-2 small fwd+bwd B8 S1024", "gpt", "gpt2-117m", 8, 1024, "fwd+bwd"),
+                Case("ViT-B/16 fwd B256 224", "vit", "vit-base-16", 256, 224)]
+    if name == "smoke":
+        return [Case("BERT tiny fwd B2 S32", "bert", "tiny", 2, 32), Case("GPT tiny fwd+bwd B2 S32", "gpt", "tiny", 2,
+                                                                          32, "fwd+bwd"),
+                Case("ViT tiny fwd B2 32", "vit", "tiny", 2, 32)]
+    raise ValueError(f"unknown preset {name!r}: anchors, smoke")
+
+
+def _build(case, provider, dtype, device):
+    cls = {"bert": BERT, "gpt": GPT, "vit": ViT}[case.model]
+    ours = cls.from_preset(case.preset, **({"dropout": 0.0} if case.model != "vit" else {}))
+    if provider == "tlv_fast":
+        model = ours
+    else:
+        import transformers as T
+        hf_cls = {"bert": T.BertModel, "gpt": T.GPT2LMHeadModel, "vit": T.ViTModel}[case.model]
+        cfg = ours.hf_config()
+        cfg._attn_implementation = provider.split("-")[1]
+        model = hf_cls(cfg)
+    return model.to(device=device, dtype=dtype).train(case.mode != "fwd")
+
+
+def _inputs(case, device, dtype, vocab):
+    g = torch.Generator().manual_seed(0)
+    if case.model == "vit":
+        return {"pixel_values": torch.randn(case.B, 3, case.N, case.N, generator=g).to(device, dtype)}
+    ids = torch.randint(0, vocab, (case.B, case.N), generator=g).to(device)
+    return {"input_ids": ids, "labels": ids} if case.mode == "fwd+bwd" else {"input_ids": ids}
+
+
+def run_case(case, provider, dtype, device, bench_ms):
+    row = {"case": case.name, "provider": provider, "mode": case.mode, "B": case.B, "N": case.N,
+           "dtype": str(dtype).split(".")[-1], "panel": case.model, "size": case.N}
+
+    def measure():
+        model = _build(case, provider, dtype, device)
+        inputs = _inputs(case, device, dtype, getattr(model.config, "vocab_size", 0))
+
+        def loss_of(out):
+            return out["loss"] if isinstance(out, dict) else out.loss
+
+        if case.mode == "fwd":
+            def step():
+                with torch.no_grad():
+                    return model(**inputs)
+        else:
+            def step():
+                loss_of(model(**inputs)).backward()
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        ms = bench_ms(step, device)
+        extra = {"ms": ms}
+        if device == "cuda":
+            extra["peak_MiB"] = torch.cuda.max_memory_allocated() / 2**20
+        return extra
+
+    return guarded(row, measure, device)
