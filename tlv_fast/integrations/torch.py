@@ -1,0 +1,70 @@
+"""Drop tlv_fast into existing PyTorch code: module swapping and an F.scaled_dot_product_attention override."""
+import contextlib
+import warnings
+
+import torch.nn.functional as F
+from torch import nn
+
+from ..nn import MultiheadAttention
+from ..ops import scaled_dot_product_attention
+
+
+def _keep_swapped_attention(module, args):
+    """A no-op forward pre-hook. nn.TransformerEncoderLayer skips self_attn.forward in its eval-mode fast path
+    (torch._transformer_encoder_layer_fwd) unless some submodule has a hook; this one keeps tlv_fast's forward."""
+    return None
+
+
+def patch(model, backend="auto"):
+    """Swap every torch.nn.MultiheadAttention inside `model` (or `model` itself) for tlv_fast.nn.MultiheadAttention
+    with the same weights, training mode, device and dtype; returns the model.
+
+    nn.TransformerEncoder's nested-tensor fast path is turned off (use_nested_tensor = False): tlv_fast reads the
+    key-padding mask in the kernel instead, and the swapped attention must not be bypassed.
+    """
+    if type(model) is nn.MultiheadAttention:
+        new = MultiheadAttention.from_torch(model, backend)
+        new.register_forward_pre_hook(_keep_swapped_attention)
+        return new
+    for parent in list(model.modules()):
+        if isinstance(parent, nn.TransformerEncoder):
+            parent.use_nested_tensor = False
+        for name, child in list(parent.named_children()):
+            if type(child) is nn.MultiheadAttention:
+                new = MultiheadAttention.from_torch(child, backend)
+                new.register_forward_pre_hook(_keep_swapped_attention)
+                setattr(parent, name, new)
+    return model
+
+
+_warned = set()
+
+
+@contextlib.contextmanager
+def sdpa_override(backend="auto"):
+    """Within the block, calls of torch.nn.functional.scaled_dot_product_attention (as timm and nanoGPT-style code
+    make them, looked up at call time) run tlv_fast.scaled_dot_product_attention. A call tlv_fast does not support
+    (e.g. query/key/value batch dims that differ but broadcast) falls back to torch's with one warning per kind of
+    call. Code that bound the function at import (`from torch.nn.functional import scaled_dot_product_attention`)
+    is not affected."""
+    original = F.scaled_dot_product_attention
+
+    def routed(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        try:
+            return scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                                is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
+                                                backend=backend)
+        except (ValueError, RuntimeError) as e:
+            reason = str(e).split(",")[0][:120]
+            if reason not in _warned:
+                _warned.add(reason)
+                warnings.warn(f"tlv_fast.sdpa_override: falling back to torch's scaled_dot_product_attention "
+                              f"({reason})", RuntimeWarning, stacklevel=2)
+            return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                            scale=scale, enable_gqa=enable_gqa)
+
+    F.scaled_dot_product_attention = routed
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
