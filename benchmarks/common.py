@@ -19,7 +19,8 @@ def environment():
         info["triton"] = triton.__version__
     except ImportError:
         info["triton"] = "absent"
-    info["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.machine()}, {os.cpu_count()} cores)"
+    info["device"] = (torch.cuda.get_device_name() if torch.cuda.is_available()
+                      else f"CPU ({platform.machine()}, {os.cpu_count()} cores)")
     return info
 
 

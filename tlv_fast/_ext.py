@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-CSRC = Path(__file__).resolve().parent / "csrc"  # tlv_fast/csrc -> ../csrc in the source tree; package data when installed
+# tlv_fast/csrc -> ../csrc in the source tree; package data when installed
+CSRC = Path(__file__).resolve().parent / "csrc"
 _SOURCES = {"cpu": ["sinkhorn.cpp"], "cuda": ["cuda/sinkhorn.cu", "cuda/sinkhorn_cuda.cpp"]}
 _loaded = set()
 

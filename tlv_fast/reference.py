@@ -25,7 +25,8 @@ def attention(q, k, v, attn_mask=None, dropout_p=0.0, causal=None, scale=None, r
         return_weights: also return the attention weights (..., Hq, Nq, Nk) as applied to v (after dropout).
 
     Scores are formed in the input dtype, the softmax in fp32 for 16-bit inputs (as eager attention usually is)
-    and in the input dtype otherwise, the product with v in the input dtype. A row in which every key is masked gives output 0, gradient 0 and lse -inf.
+    and in the input dtype otherwise, the product with v in the input dtype. A row in which every key is masked gives
+    output 0, gradient 0 and lse -inf.
     """
     d = q.shape[-1]
     n_q, n_k = q.shape[-2], k.shape[-2]

@@ -7,11 +7,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn.block import MLP, Block, SelfAttention, gelu, init_weights
-from .configs import (BERT_PRESETS, BERTConfig, bert_config_from_hf, bert_from_hf_state_dict, bert_hf_config,
-                      bert_to_hf_state_dict, load_hf_directory)
+from .configs import (
+    Presets, BERT_PRESETS, BERTConfig, bert_config_from_hf, bert_from_hf_state_dict, bert_hf_config,
+    bert_to_hf_state_dict, load_hf_directory)
 
 
-class BERT(nn.Module):
+class BERT(Presets, nn.Module):
+    PRESETS, CONFIG = BERT_PRESETS, BERTConfig
+
     def __init__(self, config: BERTConfig):
         super().__init__()
         c = self.config = config
@@ -33,12 +36,6 @@ class BERT(nn.Module):
         if c.num_labels:
             self.classifier = nn.Linear(c.dim, c.num_labels)
         init_weights(self)
-
-    @classmethod
-    def from_preset(cls, name, **overrides):
-        if name not in BERT_PRESETS:
-            raise ValueError(f"unknown BERT preset {name!r}; presets: {sorted(BERT_PRESETS)}")
-        return cls(BERTConfig(**{**BERT_PRESETS[name], **overrides}))
 
     @classmethod
     def from_hf(cls, model_or_path, **overrides):

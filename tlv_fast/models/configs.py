@@ -42,6 +42,16 @@ def gpt_hf_config(cfg):
                       attn_pdrop=cfg.dropout, layer_norm_epsilon=cfg.eps, activation_function="gelu_new")
 
 
+class Presets:
+    """Mixin: cls.from_preset(name, **overrides) for a model class with PRESETS and CONFIG class attributes."""
+
+    @classmethod
+    def from_preset(cls, name, **overrides):
+        if name not in cls.PRESETS:
+            raise ValueError(f"unknown {cls.__name__} preset {name!r}; presets: {sorted(cls.PRESETS)}")
+        return cls(cls.CONFIG(**{**cls.PRESETS[name], **overrides}))
+
+
 class KeyMap:
     """Two-way renaming of checkpoint keys from templates with {i} (a layer index) and {p} (weight|bias), with an
     optional transpose (GPT-2's Conv1D weights are (in, out), nn.Linear's (out, in))."""
@@ -377,7 +387,10 @@ class _Namespace(dict):
             raise AttributeError(name) from None
 
 
-__all__ = ["ViTConfig", "VIT_PRESETS", "vit_config_from_hf", "vit_hf_config", "vit_from_hf_state_dict",
-           "vit_to_hf_state_dict", "vit_naming", "BERTConfig", "BERT_PRESETS", "bert_config_from_hf", "bert_hf_config", "bert_from_hf_state_dict",
-           "bert_to_hf_state_dict", "GPTConfig", "GPT_PRESETS", "KeyMap", "gpt_config_from_hf", "gpt_hf_config", "gpt_from_hf_state_dict",
-           "gpt_to_hf_state_dict", "load_hf_directory"]
+__all__ = ["Presets", "KeyMap", "load_hf_directory",
+           "ViTConfig", "VIT_PRESETS", "vit_config_from_hf", "vit_hf_config", "vit_from_hf_state_dict",
+           "vit_to_hf_state_dict", "vit_naming",
+           "BERTConfig", "BERT_PRESETS", "bert_config_from_hf", "bert_hf_config", "bert_from_hf_state_dict",
+           "bert_to_hf_state_dict",
+           "GPTConfig", "GPT_PRESETS", "gpt_config_from_hf", "gpt_hf_config", "gpt_from_hf_state_dict",
+           "gpt_to_hf_state_dict"]

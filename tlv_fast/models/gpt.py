@@ -6,11 +6,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn.block import MLP, Block, SelfAttention, init_weights
-from .configs import (GPT_PRESETS, GPTConfig, gpt_config_from_hf, gpt_from_hf_state_dict, gpt_hf_config,
-                      gpt_to_hf_state_dict, load_hf_directory)
+from .configs import (
+    Presets, GPT_PRESETS, GPTConfig, gpt_config_from_hf, gpt_from_hf_state_dict, gpt_hf_config, gpt_to_hf_state_dict,
+    load_hf_directory)
 
 
-class GPT(nn.Module):
+class GPT(Presets, nn.Module):
+    PRESETS, CONFIG = GPT_PRESETS, GPTConfig
+
     def __init__(self, config: GPTConfig):
         super().__init__()
         c = self.config = config
@@ -25,12 +28,6 @@ class GPT(nn.Module):
         init_weights(self)
 
     # ---- construction -------------------------------------------------------------------------------------------
-    @classmethod
-    def from_preset(cls, name, **overrides):
-        if name not in GPT_PRESETS:
-            raise ValueError(f"unknown GPT preset {name!r}; presets: {sorted(GPT_PRESETS)}")
-        return cls(GPTConfig(**{**GPT_PRESETS[name], **overrides}))
-
     @classmethod
     def from_hf(cls, model_or_path, **overrides):
         """From a transformers GPT2Model / GPT2LMHeadModel, or a local checkpoint directory."""
@@ -103,7 +100,8 @@ class GPT(nn.Module):
             if step == max_new_tokens - 1 or (eos_token_id is not None and bool(done.all())):
                 break
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            logits = self(nxt[:, None], attention_mask=mask, position_ids=positions(mask, 1), cache=cache)["logits"][:, -1]
+            logits = self(nxt[:, None], attention_mask=mask, position_ids=positions(mask, 1),
+                          cache=cache)["logits"][:, -1]
         return ids
 
 

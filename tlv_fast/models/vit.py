@@ -7,11 +7,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn.block import MLP, Block, SelfAttention, init_weights
-from .configs import (VIT_PRESETS, ViTConfig, load_hf_directory, vit_config_from_hf, vit_from_hf_state_dict,
-                      vit_hf_config, vit_to_hf_state_dict)
+from .configs import (
+    Presets, VIT_PRESETS, ViTConfig, load_hf_directory, vit_config_from_hf, vit_from_hf_state_dict, vit_hf_config,
+    vit_to_hf_state_dict)
 
 
-class ViT(nn.Module):
+class ViT(Presets, nn.Module):
+    PRESETS, CONFIG = VIT_PRESETS, ViTConfig
+
     def __init__(self, config: ViTConfig):
         super().__init__()
         c = self.config = config
@@ -39,12 +42,6 @@ class ViT(nn.Module):
         init_weights(self)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
-
-    @classmethod
-    def from_preset(cls, name, **overrides):
-        if name not in VIT_PRESETS:
-            raise ValueError(f"unknown ViT preset {name!r}; presets: {sorted(VIT_PRESETS)}")
-        return cls(ViTConfig(**{**VIT_PRESETS[name], **overrides}))
 
     @classmethod
     def from_hf(cls, model_or_path, **overrides):

@@ -38,7 +38,8 @@ class RelativeMultiheadAttention(nn.Module):
         if embed_dim % 2:
             raise ValueError(f"embed_dim must be even for the sinusoidal table, got {embed_dim}")
         kw = {"device": device, "dtype": dtype}
-        self.embed_dim, self.num_heads, self.head_dim, self.backend = embed_dim, num_heads, embed_dim // num_heads, backend
+        self.embed_dim, self.num_heads, self.backend = embed_dim, num_heads, backend
+        self.head_dim = embed_dim // num_heads
         self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim, **kw))
         self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, **kw))
         self.out_proj = nn.Linear(embed_dim, embed_dim, **kw)
