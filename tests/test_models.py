@@ -175,6 +175,13 @@ def test_from_local_checkpoint_directories(tmp_path):
     vit.save_pretrained(tmp_path / "vit")
     x = torch.randn(1, 3, 16, 16)
     _close(ViT.from_hf(tmp_path / "vit").eval()(x)["hidden"], vit.eval()(x).last_hidden_state, name="vit dir")
+    bert = T.BertForSequenceClassification(T.BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                                        num_attention_heads=2, intermediate_size=32,
+                                                        max_position_embeddings=16, num_labels=3))
+    bert.save_pretrained(tmp_path / "bert")  # the directory's own architecture (and head) is what loads
+    ours = BERT.from_hf(tmp_path / "bert").eval()
+    assert ours.config.num_labels == 3
+    _close(ours(ids)["class_logits"], bert.eval()(ids).logits, name="bert dir")
 
 
 def test_hybrid_stem_and_presets():

@@ -9,7 +9,7 @@ from torch import nn
 from ..nn.block import MLP, Block, SelfAttention, gelu, init_weights
 from .configs import (
     Presets, BERT_PRESETS, BERTConfig, bert_config_from_hf, bert_from_hf_state_dict, bert_hf_config,
-    bert_to_hf_state_dict, load_hf_directory)
+    bert_to_hf_state_dict, hf_source)
 
 
 class BERT(Presets, nn.Module):
@@ -41,10 +41,7 @@ class BERT(Presets, nn.Module):
     def from_hf(cls, model_or_path, **overrides):
         """From a transformers BertModel, BertForPreTraining or BertForSequenceClassification (heads follow the
         source), or a local checkpoint directory."""
-        if isinstance(model_or_path, (str, bytes)) or hasattr(model_or_path, "__fspath__"):
-            hf_config, sd = load_hf_directory(model_or_path, "AutoModelForPreTraining")
-        else:
-            hf_config, sd = model_or_path.config, model_or_path.state_dict()
+        hf_config, sd = hf_source(model_or_path)
         sd = bert_from_hf_state_dict(sd)
         num_labels = sd["classifier.weight"].shape[0] if "classifier.weight" in sd else 0
         config = bert_config_from_hf(hf_config, "mlm_bias" in sd, num_labels)

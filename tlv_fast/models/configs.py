@@ -359,24 +359,28 @@ def vit_to_hf_state_dict(sd, naming=None, prefix="vit."):
     return out
 
 
-def load_hf_directory(path, model_cls_name):
-    """(config, state_dict) of a local Hugging Face checkpoint directory, through transformers when it is installed
-    (it resolves every key layout), else read directly from config.json and *.safetensors."""
-    try:
-        import transformers
-        model = getattr(transformers, model_cls_name).from_pretrained(path)
-        return model.config, model.state_dict()
-    except ImportError:
-        pass
+def hf_source(model_or_path):
+    """(config, state_dict) of a transformers model, or of a local checkpoint directory: loaded through transformers
+    when it is installed (the class named in config.json's "architectures", so every head and key layout comes
+    along), else read directly from config.json and *.safetensors."""
+    if not (isinstance(model_or_path, (str, bytes)) or hasattr(model_or_path, "__fspath__")):
+        return model_or_path.config, model_or_path.state_dict()
     import json
     import os
-    from safetensors.torch import load_file
+    path = os.fspath(model_or_path)
     cfg = json.load(open(os.path.join(path, "config.json")))
-    sd = {}
-    for f in sorted(os.listdir(path)):
-        if f.endswith(".safetensors"):
-            sd.update(load_file(os.path.join(path, f)))
-    return _Namespace(cfg), sd
+    try:
+        import transformers
+    except ImportError:
+        from safetensors.torch import load_file
+        sd = {}
+        for f in sorted(os.listdir(path)):
+            if f.endswith(".safetensors"):
+                sd.update(load_file(os.path.join(path, f)))
+        return _Namespace(cfg), sd
+    arch = (cfg.get("architectures") or ["AutoModel"])[0]
+    model = getattr(transformers, arch, transformers.AutoModel).from_pretrained(path)
+    return model.config, model.state_dict()
 
 
 class _Namespace(dict):
@@ -387,7 +391,7 @@ class _Namespace(dict):
             raise AttributeError(name) from None
 
 
-__all__ = ["Presets", "KeyMap", "load_hf_directory",
+__all__ = ["Presets", "KeyMap", "hf_source",
            "ViTConfig", "VIT_PRESETS", "vit_config_from_hf", "vit_hf_config", "vit_from_hf_state_dict",
            "vit_to_hf_state_dict", "vit_naming",
            "BERTConfig", "BERT_PRESETS", "bert_config_from_hf", "bert_hf_config", "bert_from_hf_state_dict",

@@ -8,7 +8,7 @@ from torch import nn
 from ..nn.block import MLP, Block, SelfAttention, init_weights
 from .configs import (
     Presets, GPT_PRESETS, GPTConfig, gpt_config_from_hf, gpt_from_hf_state_dict, gpt_hf_config, gpt_to_hf_state_dict,
-    load_hf_directory)
+    hf_source)
 
 
 class GPT(Presets, nn.Module):
@@ -31,10 +31,7 @@ class GPT(Presets, nn.Module):
     @classmethod
     def from_hf(cls, model_or_path, **overrides):
         """From a transformers GPT2Model / GPT2LMHeadModel, or a local checkpoint directory."""
-        if isinstance(model_or_path, (str, bytes)) or hasattr(model_or_path, "__fspath__"):
-            hf_config, sd = load_hf_directory(model_or_path, "GPT2LMHeadModel")
-        else:
-            hf_config, sd = model_or_path.config, model_or_path.state_dict()
+        hf_config, sd = hf_source(model_or_path)
         model = cls(dataclasses.replace(gpt_config_from_hf(hf_config), **overrides))
         model.load_state_dict(gpt_from_hf_state_dict(sd), strict=True)
         return model

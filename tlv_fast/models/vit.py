@@ -8,7 +8,7 @@ from torch import nn
 
 from ..nn.block import MLP, Block, SelfAttention, init_weights
 from .configs import (
-    Presets, VIT_PRESETS, ViTConfig, load_hf_directory, vit_config_from_hf, vit_from_hf_state_dict, vit_hf_config,
+    Presets, VIT_PRESETS, ViTConfig, hf_source, vit_config_from_hf, vit_from_hf_state_dict, vit_hf_config,
     vit_to_hf_state_dict)
 
 
@@ -47,10 +47,7 @@ class ViT(Presets, nn.Module):
     def from_hf(cls, model_or_path, **overrides):
         """From a transformers ViTModel or ViTForImageClassification (either transformers 4 or 5 module layout),
         or a local checkpoint directory."""
-        if isinstance(model_or_path, (str, bytes)) or hasattr(model_or_path, "__fspath__"):
-            hf_config, sd = load_hf_directory(model_or_path, "AutoModel")
-        else:
-            hf_config, sd = model_or_path.config, model_or_path.state_dict()
+        hf_config, sd = hf_source(model_or_path)
         sd = vit_from_hf_state_dict(sd)
         num_classes = sd["head.weight"].shape[0] if "head.weight" in sd else 0
         model = cls(dataclasses.replace(vit_config_from_hf(hf_config, num_classes, "pooler.weight" in sd),
