@@ -383,6 +383,77 @@ def hf_source(model_or_path):
     return model.config, model.state_dict()
 
 
+@dataclasses.dataclass
+class STTRConfig:
+    """STTR (Li et al., ICCV 2021). Defaults are the paper's and the published checkpoint's: 128 channels, 8 heads,
+    6 self/cross layers, attention stride 3, optimal transport with 10 Sinkhorn iterations, a context adjustment
+    layer of 8 blocks (16 features, expansion 4).
+
+    parity: reproduce the published code where it departs from the paper (sttr-spec 7): the raw occlusion is 0 and
+        the window is not renormalised where its mass is < min_window_mass (or where a passed ground-truth occlusion
+        is true); one token is W / W' pixels wide rather than the stride; the relative-response target omits the
+        half-stride offset. Batch > 1 is correct in both modes.
+    gradient_checkpointing: recompute every attention layer in backward (training only), as published.
+    backend: "auto", "reference" (eager everything) or "fused" (the Triton relative-position kernel and the csrc
+        Sinkhorn, raising if either cannot run).
+    """
+    hidden_dim: int = 128
+    num_heads: int = 8
+    num_layers: int = 6
+    stride: int = 3
+    sinkhorn_iters: int = 10
+    regression: str = "ot"  # or "softmax" (the paper's ablation: a row softmax over the dustbin-augmented scores)
+    cal: bool = True
+    cal_blocks: int = 8
+    cal_feat_dim: int = 16
+    cal_expansion: int = 4
+    min_window_mass: float = 0.1
+    parity: bool = False
+    gradient_checkpointing: bool = True
+    backend: str = "auto"
+
+    def __post_init__(self):
+        if self.hidden_dim % self.num_heads or self.hidden_dim % 2:
+            raise ValueError(f"STTRConfig: hidden_dim ({self.hidden_dim}) must be even and divisible by num_heads "
+                             f"({self.num_heads})")
+        if not isinstance(self.stride, int) or self.stride < 1:
+            raise ValueError(f"STTRConfig: stride must be an int >= 1, got {self.stride!r}")
+        if self.regression not in ("ot", "softmax"):
+            raise ValueError(f"STTRConfig: regression must be 'ot' or 'softmax', got {self.regression!r}")
+        if self.backend not in ("auto", "reference", "fused"):
+            raise ValueError(f"STTRConfig: backend must be 'auto', 'reference' or 'fused', got {self.backend!r}")
+        if self.num_layers < 1:
+            raise ValueError(f"STTRConfig: num_layers must be >= 1, got {self.num_layers}")
+
+
+STTR_PRESETS = {
+    "sttr": {},  # the published architecture
+    "small": dict(hidden_dim=32, num_heads=4, num_layers=3, cal_blocks=2),  # the CPU demo
+    "tiny": dict(hidden_dim=16, num_heads=2, num_layers=2, cal_blocks=1, cal_feat_dim=8, cal_expansion=2),
+}
+
+# The published checkpoints were saved before BatchNorm tracking was switched off: their running statistics carry
+# nothing the forward uses (every BatchNorm normalises with batch statistics) and are dropped on load.
+STTR_LEGACY_SUFFIXES = (".running_mean", ".running_var", ".num_batches_tracked")
+
+
+def sttr_from_published_state_dict(sd):
+    """A published STTR state dict (or a checkpoint dict holding one under 'state_dict') -> our names: drops legacy
+    BatchNorm statistics and a DataParallel 'module.' prefix, and renames torch's newer weight-norm parametrisation
+    (parametrizations.weight.original0/1) to the weight_g/weight_v the published files use."""
+    if "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    out = {}
+    for key, value in sd.items():
+        if key.endswith(STTR_LEGACY_SUFFIXES):
+            continue
+        key = key[len("module."):] if key.startswith("module.") else key
+        key = key.replace(".parametrizations.weight.original0", ".weight_g")
+        key = key.replace(".parametrizations.weight.original1", ".weight_v")
+        out[key] = value
+    return out
+
+
 class _Namespace(dict):
     def __getattr__(self, name):
         try:
@@ -392,6 +463,7 @@ class _Namespace(dict):
 
 
 __all__ = ["Presets", "KeyMap", "hf_source",
+           "STTRConfig", "STTR_PRESETS", "STTR_LEGACY_SUFFIXES", "sttr_from_published_state_dict",
            "ViTConfig", "VIT_PRESETS", "vit_config_from_hf", "vit_hf_config", "vit_from_hf_state_dict",
            "vit_to_hf_state_dict", "vit_naming",
            "BERTConfig", "BERT_PRESETS", "bert_config_from_hf", "bert_hf_config", "bert_from_hf_state_dict",

@@ -1,4 +1,3 @@
-import math
 
 import torch
 import torch.nn.functional as F
@@ -9,9 +8,10 @@ from ..ops import relpos_attention
 
 def sinusoidal_table(offsets, dim):
     """STTR's positional encoding (sttr-spec 2.1) of signed offsets (any float tensor, in pixels): rows of
-    PE[2m] = sin(o * w_m), PE[2m + 1] = cos(o * w_m), w_m = 10000^(-2m / dim). Returns (len(offsets), dim)."""
-    m = torch.arange(dim // 2, device=offsets.device, dtype=torch.float32)
-    angles = offsets.float()[:, None] * torch.pow(10000.0, -2.0 * m / dim)[None, :]
+    PE[2m] = sin(o / t_m), PE[2m + 1] = cos(o / t_m), t_m = 10000^(2m / dim). Returns (len(offsets), dim). Computed
+    in float32 with the published code's operations (a division by t_m), so its rounding is the same."""
+    t = 10000 ** (torch.arange(0, dim, 2, device=offsets.device, dtype=torch.float32) / dim)
+    angles = offsets.float()[:, None] / t[None, :]
     return torch.stack([angles.sin(), angles.cos()], dim=-1).reshape(len(offsets), dim)
 
 
@@ -59,7 +59,7 @@ class RelativeMultiheadAttention(nn.Module):
         pe = sinusoidal_table(offsets, C).to(dtype or self.in_proj_weight.dtype)
         w_q, w_k, _ = self.in_proj_weight.chunk(3)
         b_q, b_k, _ = self.in_proj_bias.chunk(3)
-        qr = F.linear(pe, w_q, b_q) / math.sqrt(d)
+        qr = F.linear(pe, w_q, b_q) * float(d) ** -0.5
         kr = F.linear(pe, w_k, b_k)
         return qr.view(-1, H, d), kr.view(-1, H, d)
 
@@ -75,7 +75,7 @@ class RelativeMultiheadAttention(nn.Module):
         H, d = self.num_heads, self.head_dim
         w_q, w_k, w_v = self.in_proj_weight.chunk(3)
         b_q, b_k, b_v = self.in_proj_bias.chunk(3)
-        q = (F.linear(query, w_q, b_q) / math.sqrt(d)).view(R, n_q, H, d).transpose(1, 2)  # (R, H, Nq, d) view
+        q = (F.linear(query, w_q, b_q) * float(d) ** -0.5).view(R, n_q, H, d).transpose(1, 2)  # (R, H, Nq, d) view
         k = F.linear(key, w_k, b_k).view(R, n_k, H, d).transpose(1, 2)
         v = F.linear(value, w_v, b_v).view(R, n_k, H, d).transpose(1, 2)
         qr, kr = self.positional_tables(n_q, n_k, offset_sign, pos_scale, dtype=q.dtype)

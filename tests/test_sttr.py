@@ -1,0 +1,317 @@
+"""STTR end to end: shapes, batching, the published checkpoint layout, the regression head on an oracle cost, the
+fused path against the all-reference path, a spec transcription of the transformer, losses, metrics, learning."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tlv_fast import optimal_transport
+from tlv_fast.models import STTR, STTRConfig, gt_response, stereo_metrics, sttr_loss, window_regression
+from tlv_fast.models.configs import sttr_from_published_state_dict
+from tlv_fast.stereo_data import synthetic_batch, synthetic_stereo
+
+# Parameter counts of the published model (../shared/sttr-params.md): 303 parameters, 2,513,811 values.
+PUBLISHED_COUNTS = {"backbone": 1_050_800, "tokenizer": 503_728, "transformer": 797_440, "regression_head": 161_843}
+BN_COUNT = 48
+
+
+def _pair(batch, h, w, seed=0):
+    b = synthetic_batch(batch, h, w, seed=seed)
+    return STTR.preprocess(b["left"]), STTR.preprocess(b["right"]), b
+
+
+@pytest.fixture(scope="module")
+def published():
+    torch.manual_seed(0)
+    return STTR(STTRConfig()).eval()
+
+
+def test_parameters_match_the_published_architecture(published):
+    sd = published.state_dict()
+    assert len(sd) == 303 and sum(v.numel() for v in sd.values()) == 2_513_811
+    for part, n in PUBLISHED_COUNTS.items():
+        assert sum(v.numel() for k, v in sd.items() if k.startswith(part + ".")) == n, part
+    shapes = {"backbone.in_conv.0.weight": (16, 3, 3, 3), "backbone.resblock_2.0.downsample.1.bias": (128,),
+              "tokenizer.bottle_neck.denselayer4.norm1.weight": (140,), "tokenizer.up.2.convTrans.0.weight":
+              (16, 128, 3, 3), "tokenizer.dense_block.2.double_conv.0.weight": (128, 131, 3, 3),
+              "transformer.cross_attn_layers.5.norm2.bias": (128,), "transformer.norm.weight": (128,),
+              "regression_head.phi": (), "regression_head.cal.layers.7.module.0.weight_g": (64, 1, 1, 1),
+              "regression_head.cal.layers.0.module.0.weight_v": (64, 17, 3, 3),
+              "regression_head.cal.occ_head.6.weight": (1, 16, 3, 3)}
+    for key, shape in shapes.items():
+        assert tuple(sd[key].shape) == shape, key
+
+
+def _published_style(model):
+    """The state dict as the published files hold it: plus legacy running statistics for every BatchNorm."""
+    sd = dict(model.state_dict())
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            sd[f"{name}.running_mean"] = torch.zeros(m.num_features)
+            sd[f"{name}.running_var"] = torch.ones(m.num_features)
+            sd[f"{name}.num_batches_tracked"] = torch.tensor(0)
+    return sd
+
+
+def test_from_checkpoint_loads_published_keys_and_fails_loudly(published, tmp_path):
+    sd = _published_style(published)
+    assert len(sd) == 303 + 3 * BN_COUNT
+    path = tmp_path / "sceneflow_pretrained_model.pth.tar"
+    torch.save({"epoch": 14, "state_dict": sd, "best_pred": 0.5}, path)
+    model = STTR.from_checkpoint(str(path))
+    assert model.config.parity and model.config.hidden_dim == 128
+    for k, v in published.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+    renamed = {k.replace(".weight_g", ".parametrizations.weight.original0")
+               .replace(".weight_v", ".parametrizations.weight.original1"): v for k, v in sd.items()}
+    assert sttr_from_published_state_dict(renamed).keys() == sttr_from_published_state_dict(sd).keys()
+    with pytest.raises(RuntimeError, match="unexpected.*backbone.extra"):
+        STTR.from_checkpoint({**sd, "backbone.extra": torch.zeros(1)})
+    with pytest.raises(RuntimeError, match="missing.*regression_head.phi"):
+        STTR.from_checkpoint({k: v for k, v in sd.items() if k != "regression_head.phi"})
+
+
+@pytest.mark.parametrize("size", [(128, 192), (130, 200)])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_shapes_and_finite(published, size, batch):
+    h, w = size
+    left, right, _ = _pair(batch, h, w)
+    with torch.no_grad():
+        out = published(left, right, return_intermediates=True)
+    hp, wp = math.ceil((h - 1) / 3), math.ceil((w - 1) / 3)
+    expect = {"disparity": (batch, h, w), "occlusion": (batch, h, w), "disparity_low_res": (batch, hp, wp),
+              "transport": (batch, hp, wp + 1, wp + 1), "occlusion_low_res": (batch, hp, wp),
+              "tokens_left": (batch, 128, hp, wp), "logits": (batch, hp, wp, wp)}
+    for key, shape in expect.items():
+        assert tuple(out[key].shape) == shape, key
+        assert torch.isfinite(out[key]).any(), key
+    for key in ("disparity", "occlusion", "disparity_low_res", "transport"):
+        assert torch.isfinite(out[key]).all(), key
+    assert torch.isinf(out["logits"]).sum() == batch * hp * wp * (wp - 1) // 2  # exactly the keys j > i
+    assert ((out["occlusion"] >= 0) & (out["occlusion"] <= 1)).all()
+    rows = out["transport"][..., :-1, :].sum(-1)  # every real left row of the plan sums to 1
+    torch.testing.assert_close(rows, torch.ones_like(rows), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("parity", [False, True])
+def test_batch_of_two_equals_two_single_runs(parity):
+    torch.manual_seed(1)
+    model = STTR.from_preset("small", parity=parity).eval()
+    left, right, b = _pair(2, 128, 160, seed=3)
+    with torch.no_grad():
+        both = model(left, right, occ_mask=b["occ_mask"])
+        ones = [model(left[i:i + 1], right[i:i + 1], occ_mask=b["occ_mask"][i:i + 1]) for i in range(2)]
+    for key in ("disparity", "occlusion", "disparity_low_res", "transport"):
+        torch.testing.assert_close(both[key], torch.cat([o[key] for o in ones]), atol=2e-4, rtol=1e-4)
+
+
+def _patch_cost(pair, s, alpha=50.0, tau=0.2):
+    """Hand-built matching scores from the images: alpha * (tau - mean |5x5 patch difference|), keys j > i masked."""
+    h, w = pair["disp"].shape
+    rows, cols = torch.arange(s // 2, h, s), torch.arange(s // 2, w, s)
+
+    def patches(img):
+        return F.unfold(img[None], 5, padding=2).view(75, h, w)[:, rows][:, :, cols]
+
+    sad = (patches(pair["left"])[..., :, None] - patches(pair["right"])[..., None, :]).abs().mean(0)
+    n = len(cols)
+    return (alpha * (tau - sad)).masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf")), rows, cols
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_ot_and_window_regression_recover_exact_disparity(seed):
+    """Spec 6.3 check (a): from an image-based cost, OT + window regression give the exact disparity on visible
+    tokens, and the occluded tokens' mass goes to the dustbin."""
+    s = 3
+    pair = synthetic_stereo(128, 192, seed=seed, disparity_step=s)
+    cost, rows, cols = _patch_cost(pair, s)
+    plan = optimal_transport(cost[None], torch.tensor(0.0), 10)[0]
+    d_raw, mass, occ_raw = window_regression(plan[:, :-1, :-1])
+    gt = pair["disp"][rows][:, cols]
+    occ = pair["occ_mask"][rows][:, cols]
+    err = (d_raw * s - gt).abs()[~occ]
+    assert err.median() < 0.01 and (err < 0.5).float().mean() > 0.97, (err.median(), (err < 0.5).float().mean())
+    assert occ_raw[occ].mean() > 0.9 and occ_raw[occ].mean() > occ_raw[~occ].mean() + 0.5
+    assert plan[:, :-1, -1][occ].mean() > 0.9  # occluded rows sit in the dustbin
+    # the ground-truth response of sttr_loss's target is the largest entry of visible rows
+    resp = gt_response(plan[:, :-1, :-1], gt, cols, float(s), s)
+    assert (resp[~occ] >= plan[:, :-1, :-1].amax(-1)[~occ] - 1e-6).float().mean() > 0.97
+
+
+def test_window_regression_rules():
+    plan = torch.zeros(1, 4, 4)
+    plan[0, 2, 1], plan[0, 2, 0] = 0.6, 0.2  # row 2: argmax 1, window {0, 1, 2}, mass 0.8
+    plan[0, 3, 3] = 0.05  # row 3: a weak match at disparity 0
+    plan[0, 0, 0] = 1.0
+    d, mass, occ = window_regression(plan)
+    torch.testing.assert_close(d[0, 2], torch.tensor((0.6 * 1 + 0.2 * 2) / 0.8))
+    torch.testing.assert_close(occ[0, 2], torch.tensor(0.2))
+    torch.testing.assert_close(occ[0, 3], torch.tensor(0.95))  # paper: 1 - mass
+    d_p, mass_p, occ_p = window_regression(plan, parity=True)
+    assert occ_p[0, 3] == 0 and mass_p[0, 3] == 1  # published: mass < 0.1 is replaced by 1
+    torch.testing.assert_close(d_p[0, 2], d[0, 2])
+    gt_occ = torch.tensor([[False, False, True, False]])
+    _, _, occ_g = window_regression(plan, gt_occ, parity=True)
+    assert occ_g[0, 2] == 0 and torch.isclose(occ_g[0, 3], torch.tensor(0.95))  # GT replaces the < 0.1 rule
+
+
+def _spec_logits(model, tokens_l, tokens_r, scale):
+    """Transcription of sttr-spec 1.5 and 2 (sequence-first, positional table gathered to (W', W', C), every term
+    computed separately): the head-summed logits of the last left-query cross attention."""
+    cfg = model.config
+    C, nh = cfg.hidden_dim, cfg.num_heads
+    d = C // nh
+    B, _, h, w = tokens_l.shape
+    seq = lambda t: t.permute(3, 0, 2, 1).reshape(w, B * h, C)  # noqa: E731  (W', R, C)
+    fl, fr = seq(tokens_l), seq(tokens_r)
+    offsets = torch.arange(w - 1, -w, -1, dtype=torch.float32) * scale  # r -> (W'-1) - r, descending
+    m = torch.arange(C // 2, dtype=torch.float32)
+    ang = offsets[:, None] / 10000 ** (2 * m / C)
+    pe = torch.stack([ang.sin(), ang.cos()], -1).reshape(2 * w - 1, C)
+    idx = (w - 1 - torch.arange(w))[:, None] + torch.arange(w)[None, :]  # (W', W') -> PE(i - j)
+
+    def mha(attn, q_in, kv_in, table, mask=None):
+        wq, wk, wv = attn.in_proj_weight.chunk(3)
+        bq, bk, bv = attn.in_proj_bias.chunk(3)
+        q = (q_in @ wq.T + bq) / math.sqrt(d)
+        k, v = kv_in @ wk.T + bk, kv_in @ wv.T + bv
+        p = table[idx]  # (W', W', C)
+        qr, kr = (p @ wq.T + bq) / math.sqrt(d), p @ wk.T + bk
+        sh = lambda t: t.reshape(*t.shape[:2], nh, d)  # noqa: E731
+        q, k, v, qr, kr = map(sh, (q, k, v, qr, kr))
+        logits = (torch.einsum("inhc,jnhc->nhij", q, k) + torch.einsum("inhc,ijhc->nhij", q, kr)
+                  + torch.einsum("jnhc,ijhc->nhij", k, qr))
+        if mask is not None:
+            logits = logits + mask
+        out = torch.einsum("nhij,jnhc->inhc", logits.softmax(-1), v).reshape(w, -1, C)
+        return out @ attn.out_proj.weight.T + attn.out_proj.bias, logits.sum(1)
+
+    tf = model.transformer
+    for i, (sl, cl) in enumerate(zip(tf.self_attn_layers, tf.cross_attn_layers)):
+        feat = torch.cat([fl, fr], 1)
+        feat = feat + mha(sl.self_attn, sl.norm1(feat), sl.norm1(feat), pe)[0]
+        fl, fr = feat[:, :B * h], feat[:, B * h:]
+        a, b = cl.norm1(fl), cl.norm1(fr)
+        fr = fr + mha(cl.cross_attn, b, a, pe.flip(0))[0]
+        c = cl.norm2(fr)
+        mask = torch.zeros(w, w).masked_fill(torch.ones(w, w, dtype=torch.bool).triu(1), float("-inf"))
+        upd, logits = mha(cl.cross_attn, a, c, pe, mask if i == len(tf.self_attn_layers) - 1 else None)
+        fl = fl + upd
+    return logits.view(B, h, w, w)
+
+
+@pytest.mark.parametrize("parity", [False, True])
+def test_transformer_matches_spec_transcription(parity):
+    torch.manual_seed(2)
+    model = STTR.from_preset("tiny", parity=parity, stride=4).eval()
+    for p in model.transformer.parameters():  # break the symmetry of the default init
+        p.data.add_(0.05 * torch.randn_like(p))
+    left, right, _ = _pair(1, 128, 150)
+    with torch.no_grad():
+        out = model(left, right, return_intermediates=True)
+        want = _spec_logits(model, out["tokens_left"], out["tokens_right"], out["scale"])
+    assert out["scale"] == (150 / 37 if parity else 4.0)  # W' = len(range(2, 150, 4)) = 37
+    finite = torch.isfinite(want)
+    assert torch.equal(torch.isfinite(out["logits"]), finite)
+    torch.testing.assert_close(out["logits"][finite], want[finite], atol=2e-4, rtol=1e-4)
+
+
+def test_fused_path_matches_reference_path():
+    """backend="fused" (the Triton relative-position kernel - the interpreter here - and the csrc Sinkhorn) against
+    backend="reference" (eager everything): every stage forward, and the gradients."""
+    left, right, _ = _pair(1, 128, 128, seed=4)
+    runs = {}
+    for backend in ("reference", "fused"):
+        torch.manual_seed(0)
+        model = STTR.from_preset("tiny", backend=backend, stride=8).train()
+        out = model(left, right, return_intermediates=True)
+        out["disparity"].mean().backward()
+        runs[backend] = out, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    (ref, ref_g), (fused, fused_g) = runs["reference"], runs["fused"]
+    finite = torch.isfinite(ref["logits"])
+    assert torch.equal(torch.isfinite(fused["logits"]), finite)
+    torch.testing.assert_close(fused["logits"][finite], ref["logits"][finite], atol=1e-4, rtol=1e-4)
+    for key in ("transport", "disparity_low_res", "disparity", "occlusion"):
+        torch.testing.assert_close(fused[key], ref[key], atol=1e-3, rtol=1e-4)
+    assert ref_g.keys() == fused_g.keys()
+    for name in ref_g:  # attention and the head: the parameters the fused ops differentiate
+        if name.startswith("transformer.") or name == "regression_head.phi":
+            torch.testing.assert_close(fused_g[name], ref_g[name], atol=1e-4 * ref_g[name].abs().max(), rtol=1e-3)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    left, right, b = _pair(1, 128, 128, seed=5)
+    grads = []
+    for ckpt in (True, False):
+        torch.manual_seed(0)
+        model = STTR.from_preset("tiny", gradient_checkpointing=ckpt, stride=4).train()
+        loss = sttr_loss(model(left, right), b["disp"], b["occ_mask"], b["occ_mask_right"])["loss"]
+        loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-4)
+
+
+def test_loss_and_metrics():
+    left, right, b = _pair(1, 128, 160, seed=6)
+    torch.manual_seed(0)
+    model = STTR.from_preset("tiny").train()
+    out = model(left, right)
+    losses = sttr_loss(out, b["disp"], b["occ_mask"], b["occ_mask_right"])
+    assert set(losses) == {"rr", "l1_raw", "l1", "occ_be", "loss"}
+    assert all(torch.isfinite(v) and v > 0 for v in losses.values())
+    losses["loss"].backward()
+    assert model.regression_head.phi.grad is not None and model.backbone.in_conv[0].weight.grad.abs().sum() > 0
+    disp, occ = b["disp"], b["occ_mask"]
+    perfect = stereo_metrics(disp, occ.float(), disp, occ)
+    assert perfect["epe"] == 0 and perfect["px_error_rate"] == 0 and perfect["iou"] == 1
+    off = stereo_metrics(disp + 4.0, 1 - occ.float(), disp, occ)
+    assert off["epe"] == pytest.approx(4.0) and off["px_error_rate"] == 1 and off["iou"] == 0
+    assert off["total_px"] == int((~occ).sum())
+
+
+def test_synthetic_pairs_have_exact_ground_truth():
+    p = synthetic_stereo(128, 192, seed=7, num_layers=4, max_disparity=30)
+    q = synthetic_stereo(128, 192, seed=7, num_layers=4, max_disparity=30)
+    assert all(torch.equal(p[k], q[k]) for k in p)
+    x = torch.arange(192)
+    d, dr = p["disp"].long(), p["disp_right"].long()
+    vis = ~p["occ_mask"]
+    warped = p["right"].gather(2, (x - d).clamp_min(0).expand(3, -1, -1))
+    assert torch.equal(warped[:, vis], p["left"][:, vis])  # left(x) = right(x - d) wherever visible
+    back = (x + dr).clamp_max(191)
+    assert torch.equal(d.gather(1, back)[~p["occ_mask_right"]], dr[~p["occ_mask_right"]])
+    assert p["occ_mask"][:, : int(d.min())].all()  # the left border is occluded
+    assert 0 < p["occ_mask"].float().mean() < 0.5 and (p["disp"] % 3 == 0).all()
+
+
+def test_a_tiny_sttr_learns():
+    left, right, b = _pair(1, 128, 128, seed=8)
+    torch.manual_seed(0)
+    model = STTR.from_preset("tiny", stride=4).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(12):
+        loss = sttr_loss(model(left, right), b["disp"], b["occ_mask"], b["occ_mask_right"])["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert sum(losses[-3:]) < 0.8 * sum(losses[:3]), losses
+
+
+def test_bad_input_is_rejected(published):
+    x = torch.zeros(1, 3, 128, 192)
+    with pytest.raises(ValueError, match="at least 121"):
+        published(torch.zeros(1, 3, 96, 192), torch.zeros(1, 3, 96, 192))
+    with pytest.raises(ValueError, match="same shape"):
+        published(x, torch.zeros(1, 3, 128, 180))
+    with pytest.raises(ValueError, match="right must be a float tensor"):
+        published(x, x.to(torch.uint8))
+    with pytest.raises(ValueError, match="occ_mask"):
+        published(x, x, occ_mask=torch.zeros(1, 128, 180, dtype=torch.bool))
+    with pytest.raises(ValueError, match="stride"):
+        STTRConfig(stride=0)
+    with pytest.raises(ValueError, match="backend"):
+        STTRConfig(backend="cuda")

@@ -1,0 +1,184 @@
+"""STTR, the stereo transformer (Li et al., "Revisiting Stereo Depth Estimation From a Sequence-to-Sequence
+Perspective with Transformers", ICCV 2021), on tlv_fast's fused relative-position attention and Sinkhorn."""
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..nn import RelativeMultiheadAttention
+from .configs import Presets, STTR_PRESETS, STTRConfig, sttr_from_published_state_dict
+from .sttr_features import Backbone, Tokenizer
+from .sttr_head import RegressionHead
+
+_ATTN_BACKEND = {"auto": "auto", "reference": "reference", "fused": "triton"}
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class SelfAttnLayer(nn.Module):
+    """Pre-LN self attention along each epipolar line, no MLP: F = F + MHA_rel(LN(F)), offsets i - j."""
+
+    def __init__(self, dim, heads, backend):
+        super().__init__()
+        self.self_attn = RelativeMultiheadAttention(dim, heads, backend=_ATTN_BACKEND[backend])
+        self.norm1 = nn.LayerNorm(dim)
+
+    def forward(self, feat, pos_scale):  # feat (2R, W', C): left lines then right lines
+        return feat + self.self_attn(self.norm1(feat), pos_scale=pos_scale)
+
+
+class CrossAttnLayer(nn.Module):
+    """Cross attention, one module for both directions: right lines read the left ones, then the left lines read the
+    updated (re-normalised) right ones; offsets x_L - x_R. The last layer returns only the left-query call's
+    head-summed logits with keys j > i masked (the matching scores), never its feature update."""
+
+    def __init__(self, dim, heads, backend):
+        super().__init__()
+        self.cross_attn = RelativeMultiheadAttention(dim, heads, backend=_ATTN_BACKEND[backend])
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+
+    def forward(self, feat, pos_scale, last):
+        r = feat.shape[0] // 2
+        a, b = self.norm1(feat).split(r)  # left, right
+        right = feat[r:] + self.cross_attn(b, a, a, offset_sign=-1, pos_scale=pos_scale)
+        c = self.norm2(right)
+        if last:
+            return self.cross_attn(a, c, c, offset_sign=1, mask_upper=True, return_logits=True,
+                                   pos_scale=pos_scale)[1]
+        left = feat[:r] + self.cross_attn(a, c, c, offset_sign=1, pos_scale=pos_scale)
+        return torch.cat([left, right])
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.checkpointing = cfg.gradient_checkpointing
+        self.self_attn_layers = nn.ModuleList(
+            [SelfAttnLayer(cfg.hidden_dim, cfg.num_heads, cfg.backend) for _ in range(cfg.num_layers)])
+        self.cross_attn_layers = nn.ModuleList(
+            [CrossAttnLayer(cfg.hidden_dim, cfg.num_heads, cfg.backend) for _ in range(cfg.num_layers)])
+        self.norm = nn.LayerNorm(cfg.hidden_dim)  # unused in forward; kept for the published checkpoint's keys
+
+    def _run(self, layer, *args):
+        if self.checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(layer, *args, use_reentrant=False)
+        return layer(*args)
+
+    def forward(self, feat, pos_scale):
+        """feat (2R, W', C), left lines then right lines -> head-summed logits of the last layer (R, W', W')."""
+        last = len(self.self_attn_layers) - 1
+        for i, (self_layer, cross_layer) in enumerate(zip(self.self_attn_layers, self.cross_attn_layers)):
+            feat = self._run(self_layer, feat, pos_scale)
+            feat = self._run(cross_layer, feat, pos_scale, i == last)
+        return feat
+
+
+class STTR(Presets, nn.Module):
+    """The stereo transformer.
+
+    forward(left, right, occ_mask=None, return_intermediates=False) with left, right (B, 3, H, W) ImageNet-
+    normalised images (:meth:`preprocess` makes them from uint8 or [0, 1] images), H, W >= 121. Returns a dict:
+        disparity (B, H, W) left disparity in pixels; occlusion (B, H, W) probability;
+        disparity_low_res (B, H', W') the raw disparity in pixels on the token grid (rows, cols = s//2 :: s);
+        transport (B, H', W'+1, W'+1) the optimal-transport plan with dustbins (every real row sums to 1);
+        occlusion_low_res, disparity_raw (tokens), window_mass (B, H', W'); sampled_rows, sampled_cols, scale
+        (pixels per token), stride, parity (what sttr_loss needs);
+        with return_intermediates: tokens_left, tokens_right (B, C, H', W') the sampled tokens, and logits
+        (B, H', W', W') the last layer's head-summed logits (-inf where masked).
+    occ_mask (B, H, W) bool ground-truth occlusion is used only with config.parity (the published code zeroes the
+    raw occlusion there).
+    """
+    PRESETS, CONFIG = STTR_PRESETS, STTRConfig
+
+    def __init__(self, config=None):
+        super().__init__()
+        self.config = cfg = config or STTRConfig()
+        self.backbone = Backbone()
+        self.tokenizer = Tokenizer(cfg.hidden_dim)
+        self.transformer = Transformer(cfg)
+        self.regression_head = RegressionHead(cfg)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """The published initialisation: Kaiming-normal (fan_out) convolutions with zero biases, unit norms;
+        attention as torch.nn.MultiheadAttention; weight-normalised and transposed convolutions keep their default
+        initialisation (only their biases are zeroed, as in the published code)."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif type(m).__name__ == "WNConv2d":
+                nn.init.zeros_(m.bias)
+
+    @staticmethod
+    def preprocess(images):
+        """(B, 3, H, W) uint8 (0..255) or float in [0, 1] -> ImageNet-normalised float32, as the model expects."""
+        x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+        mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+    def forward(self, left, right, occ_mask=None, return_intermediates=False):
+        cfg = self.config
+        for name, t in (("left", left), ("right", right)):
+            if not isinstance(t, torch.Tensor) or t.ndim != 4 or t.shape[1] != 3 or not t.is_floating_point():
+                raise ValueError(f"STTR: {name} must be a float tensor (B, 3, H, W), got "
+                                 f"{getattr(t, 'dtype', type(t))} {tuple(getattr(t, 'shape', ()))}")
+        if left.shape != right.shape:
+            raise ValueError(f"STTR: left and right must have the same shape, got {tuple(left.shape)} and "
+                             f"{tuple(right.shape)}")
+        B, _, H, W = left.shape
+        if occ_mask is not None and occ_mask.shape != (B, H, W):
+            raise ValueError(f"STTR: occ_mask must be (B, H, W) = {(B, H, W)}, got {tuple(occ_mask.shape)}")
+        s = cfg.stride
+        rows = torch.arange(s // 2, H, s, device=left.device)
+        cols = torch.arange(s // 2, W, s, device=left.device)
+        h, w = len(rows), len(cols)
+        scale = W / w if cfg.parity else float(s)  # pixels per token
+
+        tokens = self.tokenizer(self.backbone(torch.cat([left, right])))  # (2B, C, H, W)
+        tokens = tokens.index_select(2, rows).index_select(3, cols)  # (2B, C, H', W')
+        feat = tokens.permute(0, 2, 3, 1).reshape(2 * B * h, w, cfg.hidden_dim)  # lines: left (b, y), then right
+        logits = self.transformer(feat, scale).view(B, h, w, w)
+
+        occ_tokens = None
+        if occ_mask is not None and cfg.parity:
+            occ_tokens = occ_mask.index_select(1, rows).index_select(2, cols)
+        out = self.regression_head(logits, left, scale, occ_tokens)
+        out.update(sampled_rows=rows, sampled_cols=cols, scale=scale, stride=s, parity=cfg.parity)
+        if return_intermediates:
+            out.update(tokens_left=tokens[:B], tokens_right=tokens[B:], logits=logits)
+        return out
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint, config=None, map_location="cpu", weights_only=True, **overrides):
+        """Load the published weights (sceneflow_pretrained_model.pth.tar, kitti_finetuned_model.pth.tar) or any
+        state dict with the published key names (../shared/sttr-params.md).
+
+        checkpoint: a path, or a dict (a state dict, or a checkpoint holding one under 'state_dict'). config:
+        defaults to the published architecture with parity=True (the weights were trained with the published code's
+        behaviour); keyword overrides apply on top. Legacy BatchNorm running statistics are dropped; any other
+        missing or unexpected key raises.
+        """
+        if not isinstance(checkpoint, dict):
+            try:
+                checkpoint = torch.load(checkpoint, map_location=map_location, weights_only=weights_only)
+            except Exception as e:  # noqa: BLE001 - re-raised with the way out
+                if not weights_only:
+                    raise
+                raise RuntimeError(f"STTR.from_checkpoint: torch.load(weights_only=True) failed ({e}); if you trust "
+                                   "the file, pass weights_only=False") from e
+        cfg = config or STTRConfig(parity=True)
+        if overrides:
+            cfg = STTRConfig(**{**cfg.__dict__, **overrides})
+        model = cls(cfg)
+        sd = sttr_from_published_state_dict(checkpoint)
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        if missing or unexpected:
+            raise RuntimeError(f"STTR.from_checkpoint: keys do not match the architecture; missing {missing}, "
+                               f"unexpected {unexpected}")
+        return model

@@ -1,0 +1,204 @@
+"""STTR's convolutional parts (sttr-spec 1.2, 1.3, 1.7): the SPP backbone, the DenseNet tokenizer and the context
+adjustment layer. Module and parameter names follow the published checkpoint (../shared/sttr-params.md), so a
+state dict maps one to one; there are no running BatchNorm statistics (every BatchNorm uses batch statistics, as
+published)."""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class StereoBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm with batch statistics always (track_running_stats=False, also in eval), taken per stereo pair.
+
+    The input holds the left images of B pairs followed by their right images, (2B, C, H, W). The published model
+    normalises over the whole batch, which for B = 1 is exactly the pair; here each pair gets its own statistics, so
+    a batch of B pairs gives the same outputs as B runs of one pair (the published code does not)."""
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1):
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=True, track_running_stats=False)
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        if n <= 2:  # one pair: the batch is the pair
+            return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+        if n % 2:
+            raise ValueError(f"StereoBatchNorm2d: batch must hold left then right images (even size), got {n}")
+        b = n // 2
+        pairs = x.view(2, b, c, h * w).permute(1, 2, 0, 3).reshape(1, b * c, 2, h * w)  # (1, B*C, 2, HW)
+        y = F.batch_norm(pairs, None, None, self.weight.repeat(b), self.bias.repeat(b), True, 0.0, self.eps)
+        return y.view(b, c, 2, h * w).permute(2, 0, 1, 3).reshape(n, c, h, w)
+
+
+def _conv_bn_relu(cin, cout, stride=1):
+    return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), StereoBatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+
+class BasicBlock(nn.Module):
+    """ResNet basic block (torchvision naming: conv1, bn1, conv2, bn2, downsample)."""
+
+    def __init__(self, cin, cout, stride=1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = StereoBatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = StereoBatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), StereoBatchNorm2d(cout))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class Backbone(nn.Module):
+    """Contracting path (PSMNet-style SPP): x (2B, 3, H, W) -> [x, f4 (64ch, 1/4), f8 (128ch, 1/8), f16 (128ch,
+    ceil(H/16) x ceil(W/16))]. Needs H, W >= 121: the 16x16 average pool runs on the 1/8 map."""
+
+    def __init__(self):
+        super().__init__()
+        self.in_conv = nn.Sequential(*_conv_bn_relu(3, 16, 2), *_conv_bn_relu(16, 16), *_conv_bn_relu(16, 32))
+        self.resblock_1 = nn.Sequential(BasicBlock(32, 64, 2), BasicBlock(64, 64), BasicBlock(64, 64))
+        self.resblock_2 = nn.Sequential(BasicBlock(64, 128, 2), BasicBlock(128, 128), BasicBlock(128, 128))
+        for i, pool in enumerate((16, 8, 4, 2), start=1):
+            self.add_module(f"branch{i}", nn.Sequential(nn.AvgPool2d(pool, pool), nn.Conv2d(128, 32, 1, bias=False),
+                                                        StereoBatchNorm2d(32), nn.ReLU(inplace=True)))
+
+    def forward(self, x):
+        h, w = x.shape[-2:]
+        if min(h, w) < 121:
+            raise ValueError(f"STTR: images must be at least 121 x 121 (the SPP pools 16 x 16 on the 1/8-resolution "
+                             f"map), got {h} x {w}")
+        f4 = self.resblock_1(self.in_conv(x))
+        f8 = self.resblock_2(f4)
+        size = (math.ceil(h / 16), math.ceil(w / 16))
+        spp = [F.interpolate(getattr(self, f"branch{i}")(f8), size=size, mode="bilinear", align_corners=False)
+               for i in range(1, 5)]
+        return [x, f4, f8, torch.cat(spp, 1)]
+
+
+class _DenseLayer(nn.Module):
+    def __init__(self, cin, growth, bn_size):
+        super().__init__()
+        self.norm1 = StereoBatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, bn_size * growth, 1, bias=False)
+        self.norm2 = StereoBatchNorm2d(bn_size * growth)
+        self.conv2 = nn.Conv2d(bn_size * growth, growth, 3, 1, 1, bias=False)
+
+    def forward(self, x):
+        return self.conv2(F.relu(self.norm2(self.conv1(F.relu(self.norm1(x))))))
+
+
+class DenseBlock(nn.Module):
+    """DenseNet block (torchvision naming denselayerN.norm1/conv1/norm2/conv2); returns only the new channels
+    (num_layers * growth), which is all STTR keeps."""
+
+    def __init__(self, num_layers, cin, bn_size=4, growth=4):
+        super().__init__()
+        for i in range(num_layers):
+            self.add_module(f"denselayer{i + 1}", _DenseLayer(cin + i * growth, growth, bn_size))
+
+    def forward(self, x):
+        feats = [x]
+        for layer in self.children():
+            feats.append(layer(torch.cat(feats, 1)))
+        return torch.cat(feats[1:], 1)
+
+
+def _center_crop(x, h, w):
+    top, left = (x.shape[2] - h) // 2, (x.shape[3] - w) // 2
+    return x[:, :, top:top + h, left:left + w]
+
+
+class TransitionUp(nn.Module):
+    """x2 (one transposed 3x3 conv, stride 2) or x4 (transposed conv, BatchNorm, transposed conv) upsampling, centre
+    cropped to the skip connection's size and concatenated with it."""
+
+    def __init__(self, cin, cout, scale=2):
+        super().__init__()
+        if scale == 2:
+            self.convTrans = nn.ConvTranspose2d(cin, cout, 3, 2, 0, bias=True)
+        else:
+            self.convTrans = nn.Sequential(nn.ConvTranspose2d(cin, cout, 3, 2, 0, bias=False),
+                                           StereoBatchNorm2d(cout), nn.ConvTranspose2d(cout, cout, 3, 2, 0))
+
+    def forward(self, x, skip):
+        return torch.cat([_center_crop(self.convTrans(x), skip.shape[2], skip.shape[3]), skip], 1)
+
+
+class DoubleConv(nn.Module):
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.double_conv = nn.Sequential(*_conv_bn_relu(cin, cout), *_conv_bn_relu(cout, cout))
+
+    def forward(self, x):
+        return self.double_conv(x)
+
+
+class Tokenizer(nn.Module):
+    """Expanding path: [x, f4, f8, f16] -> tokens (2B, hidden, H, W) at full resolution (sttr-spec 1.3)."""
+
+    def __init__(self, hidden_dim=128, growth=4, layers=4):
+        super().__init__()
+        new = growth * layers
+        self.bottle_neck = DenseBlock(layers, 128, 4, growth)
+        self.up = nn.ModuleList([TransitionUp(new, new), TransitionUp(new, new), TransitionUp(new, hidden_dim, 4)])
+        self.dense_block = nn.ModuleList([DenseBlock(layers, new + 128, 4, growth),
+                                          DenseBlock(layers, new + 64, 4, growth),
+                                          DoubleConv(hidden_dim + 3, hidden_dim)])
+
+    def forward(self, feats):
+        x, f4, f8, f16 = feats
+        out = self.bottle_neck(f16)
+        for up, block, skip in zip(self.up, self.dense_block, (f8, f4, x)):
+            out = block(up(out, skip))
+        return out
+
+
+class WNConv2d(nn.Module):
+    """3x3 convolution with weight normalisation over each output channel, stored as the published checkpoint has
+    it: weight_g (out, 1, 1, 1), weight_v (out, in, 3, 3); weight = g * v / ||v||."""
+
+    def __init__(self, cin, cout):
+        super().__init__()
+        conv = nn.Conv2d(cin, cout, 3, padding=1)
+        self.weight_v = nn.Parameter(conv.weight.detach().clone())
+        self.weight_g = nn.Parameter(torch.linalg.vector_norm(self.weight_v.detach(), dim=(1, 2, 3), keepdim=True))
+        self.bias = nn.Parameter(torch.zeros(cout))
+
+    def forward(self, x):
+        return F.conv2d(x, torch._weight_norm(self.weight_v, self.weight_g, 0), self.bias, padding=1)
+
+
+class _ResBlock(nn.Module):
+    def __init__(self, feats, expansion):
+        super().__init__()
+        self.module = nn.Sequential(WNConv2d(feats + 1, feats * expansion), nn.ReLU(inplace=True),
+                                    WNConv2d(feats * expansion, feats))
+
+    def forward(self, x, disp):
+        return x + self.module(torch.cat([disp, x], 1))
+
+
+class ContextAdjustment(nn.Module):
+    """Context adjustment layer (sttr-spec 1.7): refines the normalised upsampled disparity with a residual stack
+    conditioned on the left image, and maps the upsampled raw occlusion to a probability."""
+
+    def __init__(self, num_blocks=8, feat_dim=16, expansion=4):
+        super().__init__()
+        self.in_conv = nn.Conv2d(4, feat_dim, 3, padding=1)
+        self.layers = nn.ModuleList([_ResBlock(feat_dim, expansion) for _ in range(num_blocks)])
+        self.out_conv = nn.Conv2d(feat_dim, 1, 3, padding=1)
+        self.occ_head = nn.Sequential(WNConv2d(4, feat_dim), WNConv2d(feat_dim, feat_dim), nn.ReLU(inplace=True),
+                                      WNConv2d(feat_dim, feat_dim), WNConv2d(feat_dim, feat_dim),
+                                      nn.ReLU(inplace=True), nn.Conv2d(feat_dim, 1, 3, padding=1), nn.Sigmoid())
+
+    def forward(self, disp, occ, img):
+        """disp, occ (B, 1, H, W) normalised; img (B, 3, H, W) -> (disp + residual, occlusion probability)."""
+        feat = self.in_conv(torch.cat([disp, img], 1))
+        for layer in self.layers:
+            feat = layer(feat, disp)
+        return disp + self.out_conv(feat), self.occ_head(torch.cat([occ, img], 1))

@@ -1,0 +1,154 @@
+"""STTR's regression head (sttr-spec 3, 1.6-1.7), its losses (4.2) and metrics (4.3), as functions users call."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops import optimal_transport
+from .sttr_features import ContextAdjustment
+
+_OT_BACKEND = {"auto": "auto", "reference": "reference", "fused": "cuda"}
+
+
+def window_regression(plan, occ_tokens=None, parity=False, min_mass=0.1):
+    """Modified winner-take-all (sttr-spec 3.5-3.6) on a transport plan without its dustbins.
+
+    Args:
+        plan: (..., W', W') matching probabilities, left tokens i by right tokens j.
+        occ_tokens: (..., W') bool, ground-truth occlusion on the token grid; used with parity only.
+        parity: the published code's rule: where the window mass is < min_mass (or occ_tokens is true when given)
+            the mass is taken as 1, so the raw occlusion is 0 there and the window is not renormalised.
+
+    Returns:
+        d_raw (..., W') disparity in tokens (the window-weighted mean of max(i - j, 0) over j in {k-1, k, k+1},
+        k = argmax_j plan[i, j]), mass (..., W') the window's (possibly replaced) mass, occ_raw = 1 - mass.
+    """
+    w = plan.shape[-1]
+    k = plan.argmax(-1, keepdim=True)  # (..., W', 1)
+    taps = torch.cat([k - 1, k, k + 1], -1)  # (..., W', 3): right tokens of the window
+    window = F.pad(plan, (1, 1)).gather(-1, taps + 1)  # out-of-range taps read 0
+    mass = window.sum(-1)
+    if parity:
+        replace = mass < min_mass if occ_tokens is None else occ_tokens
+        mass = torch.where(replace, torch.ones_like(mass), mass)
+    i = torch.arange(w, device=plan.device).view(*([1] * (plan.ndim - 2)), w, 1)
+    shift = (i - taps).clamp_min(0).to(plan.dtype)  # max(i - j, 0)
+    norm = mass if parity else mass.clamp_min(torch.finfo(mass.dtype).tiny)
+    d_raw = (window / norm.unsqueeze(-1) * shift).sum(-1)
+    return d_raw, mass, 1.0 - mass
+
+
+class RegressionHead(nn.Module):
+    """Optimal transport with dustbins (phi) -> window regression -> nearest upsampling -> context adjustment."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.phi = nn.Parameter(torch.tensor(0.0))  # dustbin score (published name regression_head.phi)
+        self.cal = ContextAdjustment(cfg.cal_blocks, cfg.cal_feat_dim, cfg.cal_expansion) if cfg.cal else None
+
+    def transport(self, logits):
+        """(B, H', W', W') head-summed logits (-inf where masked) -> plan (B, H', W'+1, W'+1)."""
+        if self.cfg.regression == "ot":
+            return optimal_transport(logits, self.phi, self.cfg.sinkhorn_iters, backend=_OT_BACKEND[self.cfg.backend])
+        *batch, m, n = logits.shape
+        phi = self.phi.to(logits.dtype)
+        scores = torch.cat([torch.cat([logits, phi.expand(*batch, m, 1)], -1), phi.expand(*batch, 1, n + 1)], -2)
+        return torch.softmax(scores, -1)
+
+    def forward(self, logits, left, scale, occ_tokens=None):
+        """logits (B, H', W', W'); left (B, 3, H, W) the normalised left image; scale = pixels per token."""
+        plan = self.transport(logits)
+        d_raw, mass, occ_raw = window_regression(plan[..., :-1, :-1], occ_tokens, self.cfg.parity,
+                                                 self.cfg.min_window_mass)
+        disp_low = d_raw * scale
+        size = left.shape[-2:]
+        disp = F.interpolate(disp_low[:, None], size=size, mode="nearest")  # (B, 1, H, W)
+        occ = F.interpolate(occ_raw[:, None], size=size, mode="nearest")
+        if self.cal is not None:
+            mean = disp.mean((1, 2, 3), keepdim=True)  # per image (the published code pools the whole batch)
+            std = disp.std((1, 2, 3), keepdim=True) + 1e-6
+            disp_n, occ = self.cal((disp - mean) / std, (occ - 0.5) / 0.5, left)
+            disp = disp_n * std + mean
+        return {"disparity": disp[:, 0], "occlusion": occ[:, 0], "disparity_low_res": disp_low, "transport": plan,
+                "disparity_raw": d_raw, "window_mass": mass, "occlusion_low_res": occ_raw}
+
+
+def _tokens(x, rows, cols):
+    return x.index_select(-2, rows).index_select(-1, cols)
+
+
+def gt_response(plan, disp_tokens, cols, scale, stride, parity=False):
+    """The plan's response at the ground-truth match (sttr-spec 3.7): left token i sits at full-resolution column
+    cols[i]; its match is at token (cols[i] - s//2 - d) / s (parity: (cols[i] - d) / scale, the published target),
+    read by linear interpolation between the floor and ceil tokens (clamped to the row, as published)."""
+    x = cols.to(plan.dtype)
+    target = (x - disp_tokens) / scale if parity else (x - stride // 2 - disp_tokens) / stride
+    w = plan.shape[-1]
+    lo = target.floor().long().clamp(0, w - 1)
+    hi = target.ceil().long().clamp(0, w - 1)
+    w_hi = target - lo
+    return (plan.gather(-1, lo[..., None])[..., 0] * (1 - w_hi) + plan.gather(-1, hi[..., None])[..., 0] * w_hi)
+
+
+def sttr_loss(outputs, disp, occ_mask=None, occ_mask_right=None, weights=None, parity=None):
+    """STTR's training loss (sttr-spec 4.2): relative response + smooth L1 on the raw and final disparity + binary
+    entropy on the occlusion, each weighted 1 by default.
+
+    Args:
+        outputs: the dict STTR returns.
+        disp: (B, H, W) ground-truth left disparity in pixels; <= 0 marks pixels without ground truth.
+        occ_mask, occ_mask_right: (B, H, W) bool left / right occlusion (optional). Occluded pixels are not valid.
+        weights: dict over "rr", "l1_raw", "l1", "occ_be".
+        parity: the published relative-response target (defaults to the model's setting, outputs["parity"]).
+
+    Returns:
+        dict with "rr", "l1_raw", "l1", "occ_be" and their weighted sum "loss".
+    """
+    weights = {"rr": 1.0, "l1_raw": 1.0, "l1": 1.0, "occ_be": 1.0, **(weights or {})}
+    parity = outputs["parity"] if parity is None else parity
+    rows, cols, eps = outputs["sampled_rows"], outputs["sampled_cols"], 1e-6
+    invalid = disp <= 0
+    if occ_mask is not None:
+        invalid = invalid | occ_mask
+    inv_t, disp_t = _tokens(invalid, rows, cols), _tokens(disp, rows, cols)
+    plan = outputs["transport"]
+    resp = gt_response(plan[..., :-1, :-1], disp_t, cols, outputs["scale"], outputs["stride"], parity)
+    rr = [-torch.log(resp[~inv_t] + eps)]
+    if occ_mask is not None:
+        rr.append(-torch.log(plan[..., :-1, -1][_tokens(occ_mask, rows, cols)] + eps))
+    if occ_mask_right is not None:
+        rr.append(-torch.log(plan[..., -1, :-1][_tokens(occ_mask_right, rows, cols)] + eps))
+    losses = {"rr": torch.cat(rr).mean(),
+              "l1_raw": F.smooth_l1_loss(outputs["disparity_low_res"][~inv_t], disp_t[~inv_t]),
+              "l1": F.smooth_l1_loss(outputs["disparity"][~invalid], disp[~invalid])}
+    occ = outputs["occlusion"]
+    be = [-torch.log(1.0 - occ[~invalid] + eps)]
+    if occ_mask is not None:
+        be.insert(0, -torch.log(occ[occ_mask] + eps))
+    losses["occ_be"] = torch.cat(be).mean()
+    losses["loss"] = sum(weights[k] * losses[k] for k in ("rr", "l1_raw", "l1", "occ_be"))
+    return losses
+
+
+@torch.no_grad()
+def stereo_metrics(disparity, occlusion, disp, occ_mask=None, threshold=3.0):
+    """Per-image metrics of sttr-spec 4.3, averaged over the batch (pixel counts summed).
+
+    disparity, occlusion (B, H, W) predictions; disp (B, H, W) ground truth (<= 0: none); occ_mask (B, H, W) bool.
+    Returns dict: epe (mean |error| over valid pixels), error_px / total_px (valid pixels with |error| > threshold,
+    and valid pixels: accumulate these over a dataset), px_error_rate, and iou (occlusion IoU with p = occlusion
+    > 0.5 over the two classes, pixels neither valid nor occluded ignored; only with occ_mask)."""
+    valid = disp > 0
+    if occ_mask is not None:
+        valid = valid & ~occ_mask
+    err = (disparity - disp).abs()
+    epe = torch.stack([err[b][valid[b]].mean() for b in range(disp.shape[0])]).mean()
+    error_px, total_px = int((err[valid] > threshold).sum()), int(valid.sum())
+    out = {"epe": float(epe), "error_px": error_px, "total_px": total_px,
+           "px_error_rate": error_px / max(total_px, 1)}
+    if occ_mask is not None:
+        p, o, v = occlusion > 0.5, occ_mask, valid
+        inter = (p & o).flatten(1).sum(1) + (~p & v).flatten(1).sum(1)
+        union = ((p & v) | o).flatten(1).sum(1) + ((~p & o) | v).flatten(1).sum(1)
+        out["iou"] = float((inter.float() / union.clamp_min(1)).mean())
+    return out
