@@ -7,6 +7,7 @@
     python -m benchmarks sinkhorn --preset cpu --dtype fp32     # the C++ CPU path: 64 problems
     python -m benchmarks relpos --preset sttr --dtype fp16      # STTR attention: 960 lines, W = 320, 8 x 16
     python -m benchmarks models --preset anchors                # BERT-base, GPT-2 small, ViT-B/16 vs transformers
+    python -m benchmarks sttr --preset h200                     # STTR 960x540 / 1080p inference, 640x384 training
 
 Attention on a machine without CUDA runs the tiny `smoke` preset and says that the numbers are not speed. The
 Sinkhorn `cpu` preset measures the C++ CPU implementation, which is what runs on CPU tensors.
@@ -17,11 +18,11 @@ import sys
 
 import torch
 
-from . import attention, models, relpos, sinkhorn
+from . import attention, models, relpos, sinkhorn, sttr
 from .common import Progress, bench_ms, environment, plot, print_table, write_csv
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
-OPS = {"attention": attention, "sinkhorn": sinkhorn, "relpos": relpos, "models": models}
+OPS = {"attention": attention, "sinkhorn": sinkhorn, "relpos": relpos, "models": models, "sttr": sttr}
 UNITS = {"tflops": "TFLOP/s", "gbps": "GB/s against the one-read-one-write floor", "ms": "median ms",
          "peak_MiB": "MiB peak memory beyond the inputs"}
 
@@ -32,15 +33,16 @@ def main(argv=None):
     p.add_argument("op", nargs="?", default="attention", choices=list(OPS))
     p.add_argument("--preset", default=None, help="attention: milestone, sweep, models, smoke; "
                                                   "sinkhorn: h200, cpu, sizes, smoke; relpos: sttr, smoke; "
-                                                  "models: anchors, smoke")
+                                                  "models: anchors, smoke; sttr: h200, smoke")
     p.add_argument("--providers", default=None, help="comma-separated subset of the op's providers")
     p.add_argument("--dtype", default=None, choices=list(DTYPES),
                    help="default bf16 (attention, models), fp32 (sinkhorn), fp16 (relpos)")
     p.add_argument("--out", default="bench_out", help="folder for the CSV and the PNG")
     args = p.parse_args(argv)
     op = OPS[args.op]
-    dtype_name = args.dtype or {"sinkhorn": "fp32", "relpos": "fp16", "models": "fp32" if not torch.cuda.is_available()
-                                else "bf16"}.get(args.op, "bf16")
+    cpu = not torch.cuda.is_available()
+    dtype_name = args.dtype or {"sinkhorn": "fp32", "relpos": "fp16", "models": "fp32" if cpu else "bf16",
+                                "sttr": "fp32" if cpu else "fp16"}.get(args.op, "bf16")
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     env = environment()

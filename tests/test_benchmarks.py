@@ -17,6 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     ("sinkhorn", "sinkhorn-smoke-fp32-cpu", {"eager", "tlv_fast"}, "GB/s"),
     ("relpos", "relpos-smoke-fp16-cpu", {"eager", "tlv_fast"}, "median ms"),
     ("models", "models-smoke-fp32-cpu", {"hf-sdpa", "tlv_fast"}, "median ms"),
+    ("sttr", "sttr-smoke-fp32-cpu", {"reference", "tlv_fast"}, "median ms"),
 ])
 def test_runner_smoke_writes_table_csv_and_png(tmp_path, op, stem, providers, unit):
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TLV_FAST_POISON")}

@@ -315,3 +315,16 @@ def test_bad_input_is_rejected(published):
         STTRConfig(stride=0)
     with pytest.raises(ValueError, match="backend"):
         STTRConfig(backend="cuda")
+
+
+def test_demo_writes_png_and_metrics(tmp_path):
+    from tlv_fast.demo import main
+    png, js = tmp_path / "demo.png", tmp_path / "demo.json"
+    report = main(["stereo", "--seconds", "1", "--preset", "tiny", "--device", "cpu", "--out", str(png),
+                   "--json", str(js)])
+    assert report["steps"] >= 1 and set(report["after"]) >= {"epe", "px_error_rate", "iou"}
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert (height, width) == (128, 4 * 192 + 3 * 4)
+    assert js.stat().st_size > 0
