@@ -29,6 +29,7 @@ def run(rank, world, out_dir, mode):
         grads = {k: p.grad.full_tensor() for k, p in model.named_parameters()}
     if rank == 0:
         torch.save(grads, os.path.join(out_dir, "grads.pt"))
+    dist.barrier()  # no rank tears its connections down while the other still uses them (seen: SIGABRT under load)
     dist.destroy_process_group()
 
 

@@ -1,6 +1,7 @@
 """STTR end to end: shapes, batching, the published checkpoint layout, the regression head on an oracle cost, the
 fused path against the all-reference path, a spec transcription of the transformer, losses, metrics, learning."""
 import math
+import os
 
 import pytest
 import torch
@@ -41,6 +42,28 @@ def test_parameters_match_the_published_architecture(published):
               "regression_head.cal.occ_head.6.weight": (1, 16, 3, 3)}
     for key, shape in shapes.items():
         assert tuple(sd[key].shape) == shape, key
+
+
+def _published_keys():
+    """The 351 (key, shape) pairs of the published state dict (tests/data, from ../shared/sttr-params.md)."""
+    path = os.path.join(os.path.dirname(__file__), "data", "sttr_published_keys.txt")
+    out = {}
+    for line in open(path):
+        if line.strip() and not line.startswith("#"):
+            key, shape = line.split()
+            out[key] = () if shape == "-" else tuple(int(x) for x in shape.split(","))
+    return out
+
+
+def test_every_published_key_maps_one_to_one(published):
+    keys = _published_keys()
+    assert len(keys) == 351
+    ours = {k: tuple(v.shape) for k, v in published.state_dict().items()}
+    kept = {k: v for k, v in keys.items() if not k.endswith(".num_batches_tracked")}
+    assert ours == kept
+    assert sttr_from_published_state_dict({k: torch.zeros(s) for k, s in keys.items()}).keys() == ours.keys()
+    model = STTR.from_checkpoint({"state_dict": {k: torch.zeros(s) for k, s in keys.items()}})
+    assert model.regression_head.phi.item() == 0
 
 
 def _published_style(model):

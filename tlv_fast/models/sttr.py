@@ -44,7 +44,7 @@ class CrossAttnLayer(nn.Module):
         c = self.norm2(right)
         if last:
             return self.cross_attn(a, c, c, offset_sign=1, mask_upper=True, return_logits=True,
-                                   pos_scale=pos_scale)[1]
+                                   pos_scale=pos_scale, need_output=False)
         left = feat[:r] + self.cross_attn(a, c, c, offset_sign=1, pos_scale=pos_scale)
         return torch.cat([left, right])
 

@@ -24,7 +24,8 @@ class RelativeMultiheadAttention(nn.Module):
     positional table is projected with the content path's own W_q, b_q (scaled by 1/sqrt(d)) and W_k, b_k.
 
     forward(query (R, Nq, C), key (R, Nk, C) = query, value = key, offset_sign=1, mask_upper=False,
-    return_logits=False, pos_scale=1.0) -> out (R, Nq, C) [, head-summed logits (R, Nq, Nk)]. Sequences are
+    return_logits=False, pos_scale=1.0, need_output=True) -> out (R, Nq, C) [, head-summed logits (R, Nq, Nk)];
+    with return_logits and need_output=False, only the logits. Sequences are
     batch-first. The offset of query i and key j is offset_sign * (i - j) tokens, times `pos_scale` pixels (STTR:
     W / W' with attention stride); offset_sign = +1 for self attention and the left-query cross attention, -1 for the
     right-query one (both measure x_L - x_R). The sinusoidal table and its projections are built once per call on the
@@ -64,12 +65,14 @@ class RelativeMultiheadAttention(nn.Module):
         return qr.view(-1, H, d), kr.view(-1, H, d)
 
     def forward(self, query, key=None, value=None, offset_sign=1, mask_upper=False, return_logits=False,
-                pos_scale=1.0):
+                pos_scale=1.0, need_output=True):
         key = query if key is None else key
         value = key if value is None else value
         if query.ndim != 3 or key.ndim != 3 or value.ndim != 3 or query.shape[-1] != self.embed_dim:
             raise ValueError(f"query, key, value must be (R, N, {self.embed_dim}), got {tuple(query.shape)}, "
                              f"{tuple(key.shape)}, {tuple(value.shape)}")
+        if not (need_output or return_logits):
+            raise ValueError("RelativeMultiheadAttention: need_output=False needs return_logits=True")
         R, n_q, C = query.shape
         n_k = key.shape[1]
         H, d = self.num_heads, self.head_dim
@@ -81,5 +84,7 @@ class RelativeMultiheadAttention(nn.Module):
         qr, kr = self.positional_tables(n_q, n_k, offset_sign, pos_scale, dtype=q.dtype)
         res = relpos_attention(q, k, v, qr, kr, offset_sign, mask_upper, return_logits, backend=self.backend)
         out, logits = res if return_logits else (res, None)
+        if not need_output:  # logits only (STTR's last layer): skip the output projection
+            return logits
         out = self.out_proj(out.transpose(1, 2).reshape(R, n_q, C))
         return (out, logits) if return_logits else out
