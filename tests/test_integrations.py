@@ -173,9 +173,14 @@ def test_fullgraph_compile(name):
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
 def test_distributed_training_matches_one_process(mode):
     with tempfile.TemporaryDirectory() as d:
-        res = subprocess.run([sys.executable, os.path.join(REPO, "tests", "dist_worker.py"), mode, d],
-                             capture_output=True, text=True, cwd=REPO, timeout=600,
-                             env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+        for attempt in range(2):  # gloo on torch 2.13 rarely aborts a rank at process teardown (~1 run in 30 seen)
+            res = subprocess.run([sys.executable, os.path.join(REPO, "tests", "dist_worker.py"), mode, d],
+                                 capture_output=True, text=True, cwd=REPO, timeout=600,
+                                 env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+            if res.returncode == 0 or "terminate called" not in res.stderr:
+                break
+            for f in os.listdir(d):
+                os.remove(os.path.join(d, f))
         assert res.returncode == 0, res.stderr[-3000:]
         grads = torch.load(os.path.join(d, "grads.pt"))
     torch.manual_seed(0)
