@@ -351,3 +351,15 @@ def test_demo_writes_png_and_metrics(tmp_path):
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     assert (height, width) == (128, 4 * 192 + 3 * 4)
     assert js.stat().st_size > 0
+
+
+def test_from_checkpoint_with_pickled_objects_needs_consent(tmp_path):
+    import argparse
+    torch.manual_seed(0)
+    tiny = STTR.from_preset("tiny")
+    path = tmp_path / "ckpt.pth.tar"
+    torch.save({"state_dict": tiny.state_dict(), "args": argparse.Namespace(downsample=3)}, path)
+    with pytest.raises(RuntimeError, match="weights_only=False"):
+        STTR.from_checkpoint(str(path), config=tiny.config)
+    loaded = STTR.from_checkpoint(str(path), config=tiny.config, weights_only=False)
+    assert torch.equal(loaded.regression_head.cal.out_conv.weight, tiny.regression_head.cal.out_conv.weight)

@@ -1,12 +1,14 @@
 """STTR, the stereo transformer (Li et al., "Revisiting Stereo Depth Estimation From a Sequence-to-Sequence
 Perspective with Transformers", ICCV 2021), on tlv_fast's fused relative-position attention and Sinkhorn."""
+import pickle
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..nn import RelativeMultiheadAttention
 from .configs import Presets, STTR_PRESETS, STTRConfig, sttr_from_published_state_dict
-from .sttr_features import Backbone, Tokenizer
+from .sttr_features import Backbone, Tokenizer, WNConv2d
 from .sttr_head import RegressionHead
 
 _ATTN_BACKEND = {"auto": "auto", "reference": "reference", "fused": "triton"}
@@ -111,7 +113,7 @@ class STTR(Presets, nn.Module):
             elif isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-            elif type(m).__name__ == "WNConv2d":
+            elif isinstance(m, WNConv2d):
                 nn.init.zeros_(m.bias)
 
     @staticmethod
@@ -167,7 +169,7 @@ class STTR(Presets, nn.Module):
         if not isinstance(checkpoint, dict):
             try:
                 checkpoint = torch.load(checkpoint, map_location=map_location, weights_only=weights_only)
-            except Exception as e:  # noqa: BLE001 - re-raised with the way out
+            except pickle.UnpicklingError as e:  # what weights_only=True raises on objects it will not load
                 if not weights_only:
                     raise
                 raise RuntimeError(f"STTR.from_checkpoint: torch.load(weights_only=True) failed ({e}); if you trust "
