@@ -126,7 +126,10 @@ class TransitionUp(nn.Module):
                                            StereoBatchNorm2d(cout), nn.ConvTranspose2d(cout, cout, 3, 2, 0))
 
     def forward(self, x, skip):
-        return torch.cat([_center_crop(self.convTrans(x), skip.shape[2], skip.shape[3]), skip], 1)
+        up = _center_crop(self.convTrans(x), skip.shape[2], skip.shape[3])
+        # under fp16 autocast the skip (the fp32 input image at full resolution) would promote the concatenation to
+        # fp32; the next convolution casts to fp16 anyway, so casting first gives the same values in half the memory
+        return torch.cat([up, skip.to(up.dtype)], 1)
 
 
 class DoubleConv(nn.Module):
