@@ -4,6 +4,7 @@ Without CUDA, kernels run on CPU tensors through Triton's interpreter (TRITON_IN
 @triton.jit function is created, hence here, before tlv_fast.kernels is imported). With CUDA, the same tests run
 the compiled kernels on the GPU.
 """
+import math
 import os
 
 import pytest
@@ -143,3 +144,33 @@ def _fixed_tiles_on_gpu(request):
             yield
     else:
         yield
+
+
+def spec_relpos_mha(mha, x_q, x_kv, sign, mask, pos_scale):
+    """Eager transcription of sttr-spec 2.1-2.2 with per-pair positional encodings p_ij (N x N x C), for a
+    RelativeMultiheadAttention `mha` on batch-first (R, N, C) inputs: (out_proj(out), head-summed logits)."""
+    C, H = mha.embed_dim, mha.num_heads
+    d = C // H
+    w_q, w_k, w_v = mha.in_proj_weight.chunk(3)
+    b_q, b_k, b_v = mha.in_proj_bias.chunk(3)
+    n_q, n_k = x_q.shape[1], x_kv.shape[1]
+    i = torch.arange(n_q, device=x_q.device)[:, None]
+    j = torch.arange(n_k, device=x_q.device)[None, :]
+    offset = (sign * (i - j)).double() * pos_scale  # (Nq, Nk) pixels
+    omega = torch.pow(10000.0, -torch.arange(0, C, 2, device=x_q.device).double() / C)
+    ang = offset[..., None] * omega
+    p = torch.stack([ang.sin(), ang.cos()], -1).reshape(n_q, n_k, C).to(x_q.dtype)  # p[i, j] = PE(delta_ij)
+    q = (x_q @ w_q.t() + b_q) / math.sqrt(d)
+    k = x_kv @ w_k.t() + b_k
+    v = x_kv @ w_v.t() + b_v
+    qr = (p @ w_q.t() + b_q) / math.sqrt(d)  # (Nq, Nk, C)
+    kr = p @ w_k.t() + b_k
+    heads = lambda t: t.view(*t.shape[:-1], H, d)  # noqa: E731
+    qh, kh, vh, qrh, krh = heads(q), heads(k), heads(v), heads(qr), heads(kr)
+    logits = (torch.einsum("rihd,rjhd->rhij", qh, kh) + torch.einsum("rihd,ijhd->rhij", qh, krh)
+              + torch.einsum("ijhd,rjhd->rhij", qrh, kh))
+    if mask:
+        logits = logits.masked_fill(torch.ones(n_q, n_k, dtype=torch.bool, device=x_q.device).triu(1), float("-inf"))
+    attn = torch.softmax(logits, -1)
+    out = torch.einsum("rhij,rjhd->rihd", attn, vh).reshape(x_q.shape[0], n_q, C)
+    return mha.out_proj(out), logits.sum(1)

@@ -1,7 +1,6 @@
 """STTR's relative-position attention: the Triton kernel (through the interpreter on a CPU) against the eager
 reference — output, head-summed logits and all five gradients — and the module against an eager transcription of
 the spec's formula."""
-import math
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ import tlv_fast
 from tlv_fast import reference
 from tlv_fast.kernels import attention as attention_kernels
 
-from conftest import DEVICE, as_truth, assert_fa_rule, dtype_params
+from conftest import DEVICE, as_truth, assert_fa_rule, dtype_params, spec_relpos_mha
 
 
 def _inputs(B, H, nq, nk, d, dtype, dv=None):
@@ -109,35 +108,6 @@ def test_opcheck_and_compile():
     torch.testing.assert_close(out, ref_out, atol=2e-5, rtol=2e-5)
 
 
-def _spec_attention(mha, x_q, x_kv, sign, mask, pos_scale):
-    """Eager transcription of sttr-spec 2.1-2.2 with per-pair positional encodings p_ij (N x N x C)."""
-    C, H = mha.embed_dim, mha.num_heads
-    d = C // H
-    w_q, w_k, w_v = mha.in_proj_weight.chunk(3)
-    b_q, b_k, b_v = mha.in_proj_bias.chunk(3)
-    n_q, n_k = x_q.shape[1], x_kv.shape[1]
-    i = torch.arange(n_q, device=DEVICE)[:, None]
-    j = torch.arange(n_k, device=DEVICE)[None, :]
-    offset = (sign * (i - j)).double() * pos_scale  # (Nq, Nk) pixels
-    omega = torch.pow(10000.0, -torch.arange(0, C, 2, device=DEVICE).double() / C)
-    ang = offset[..., None] * omega
-    p = torch.stack([ang.sin(), ang.cos()], -1).reshape(n_q, n_k, C).to(x_q.dtype)  # p[i, j] = PE(delta_ij)
-    q = (x_q @ w_q.t() + b_q) / math.sqrt(d)
-    k = x_kv @ w_k.t() + b_k
-    v = x_kv @ w_v.t() + b_v
-    qr = (p @ w_q.t() + b_q) / math.sqrt(d)  # (Nq, Nk, C)
-    kr = p @ w_k.t() + b_k
-    heads = lambda t: t.view(*t.shape[:-1], H, d)  # noqa: E731
-    qh, kh, vh, qrh, krh = heads(q), heads(k), heads(v), heads(qr), heads(kr)
-    logits = (torch.einsum("rihd,rjhd->rhij", qh, kh) + torch.einsum("rihd,ijhd->rhij", qh, krh)
-              + torch.einsum("ijhd,rjhd->rhij", qrh, kh))
-    if mask:
-        logits = logits.masked_fill(torch.ones(n_q, n_k, dtype=torch.bool, device=DEVICE).triu(1), float("-inf"))
-    attn = torch.softmax(logits, -1)
-    out = torch.einsum("rhij,rjhd->rihd", attn, vh).reshape(x_q.shape[0], n_q, C)
-    return mha.out_proj(out), logits.sum(1)
-
-
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 @pytest.mark.parametrize("sign,mask,cross", [(1, False, False), (1, True, True), (-1, False, True)],
                          ids=["self", "left-query-masked", "right-query"])
@@ -151,7 +121,7 @@ def test_module_matches_the_spec_formula(sign, mask, cross, backend):
     x = torch.randn(3, 11, 32, device=DEVICE)
     y = torch.randn(3, 14, 32, device=DEVICE) if cross else x
     out, logits = mha(x, y, y, offset_sign=sign, mask_upper=mask, return_logits=True, pos_scale=3.0)
-    want_out, want_logits = _spec_attention(mha, x, y, sign, mask, 3.0)
+    want_out, want_logits = spec_relpos_mha(mha, x, y, sign, mask, 3.0)
     torch.testing.assert_close(out, want_out, atol=1e-4, rtol=1e-4)
     finite = torch.isfinite(want_logits)
     assert torch.equal(torch.isfinite(logits), finite)

@@ -12,6 +12,8 @@ from tlv_fast.models import STTR, STTRConfig, gt_response, stereo_metrics, sttr_
 from tlv_fast.models.configs import sttr_from_published_state_dict
 from tlv_fast.stereo_data import synthetic_batch, synthetic_stereo
 
+from conftest import spec_relpos_mha
+
 # Parameter counts of the published model (../shared/sttr-params.md): 303 parameters, 2,513,811 values.
 PUBLISHED_COUNTS = {"backbone": 1_050_800, "tokenizer": 503_728, "transformer": 797_440, "regression_head": 161_843}
 BN_COUNT = 48
@@ -180,46 +182,22 @@ def test_window_regression_rules():
 
 
 def _spec_logits(model, tokens_l, tokens_r, scale):
-    """Transcription of sttr-spec 1.5 and 2 (sequence-first, positional table gathered to (W', W', C), every term
-    computed separately): the head-summed logits of the last left-query cross attention."""
-    cfg = model.config
-    C, nh = cfg.hidden_dim, cfg.num_heads
-    d = C // nh
-    B, _, h, w = tokens_l.shape
-    seq = lambda t: t.permute(3, 0, 2, 1).reshape(w, B * h, C)  # noqa: E731  (W', R, C)
-    fl, fr = seq(tokens_l), seq(tokens_r)
-    offsets = torch.arange(w - 1, -w, -1, dtype=torch.float32) * scale  # r -> (W'-1) - r, descending
-    m = torch.arange(C // 2, dtype=torch.float32)
-    ang = offsets[:, None] / 10000 ** (2 * m / C)
-    pe = torch.stack([ang.sin(), ang.cos()], -1).reshape(2 * w - 1, C)
-    idx = (w - 1 - torch.arange(w))[:, None] + torch.arange(w)[None, :]  # (W', W') -> PE(i - j)
-
-    def mha(attn, q_in, kv_in, table, mask=None):
-        wq, wk, wv = attn.in_proj_weight.chunk(3)
-        bq, bk, bv = attn.in_proj_bias.chunk(3)
-        q = (q_in @ wq.T + bq) / math.sqrt(d)
-        k, v = kv_in @ wk.T + bk, kv_in @ wv.T + bv
-        p = table[idx]  # (W', W', C)
-        qr, kr = (p @ wq.T + bq) / math.sqrt(d), p @ wk.T + bk
-        sh = lambda t: t.reshape(*t.shape[:2], nh, d)  # noqa: E731
-        q, k, v, qr, kr = map(sh, (q, k, v, qr, kr))
-        logits = (torch.einsum("inhc,jnhc->nhij", q, k) + torch.einsum("inhc,ijhc->nhij", q, kr)
-                  + torch.einsum("jnhc,ijhc->nhij", k, qr))
-        if mask is not None:
-            logits = logits + mask
-        out = torch.einsum("nhij,jnhc->inhc", logits.softmax(-1), v).reshape(w, -1, C)
-        return out @ attn.out_proj.weight.T + attn.out_proj.bias, logits.sum(1)
-
+    """Transcription of sttr-spec 1.5 (pre-LN self / cross layers, one attention module for both directions, the
+    right lines updated first and re-normalised, the last layer's left-query logits masked), each attention call
+    through the spec transcription of 2.1-2.2 (conftest.spec_relpos_mha)."""
+    B, C, h, w = tokens_l.shape
+    lines = lambda t: t.permute(0, 2, 3, 1).reshape(B * h, w, C)  # noqa: E731  (R, W', C)
+    fl, fr = lines(tokens_l), lines(tokens_r)
     tf = model.transformer
+    last = len(tf.self_attn_layers) - 1
     for i, (sl, cl) in enumerate(zip(tf.self_attn_layers, tf.cross_attn_layers)):
-        feat = torch.cat([fl, fr], 1)
-        feat = feat + mha(sl.self_attn, sl.norm1(feat), sl.norm1(feat), pe)[0]
-        fl, fr = feat[:, :B * h], feat[:, B * h:]
+        feat = torch.cat([fl, fr])
+        feat = feat + spec_relpos_mha(sl.self_attn, sl.norm1(feat), sl.norm1(feat), 1, False, scale)[0]
+        fl, fr = feat[:B * h], feat[B * h:]
         a, b = cl.norm1(fl), cl.norm1(fr)
-        fr = fr + mha(cl.cross_attn, b, a, pe.flip(0))[0]
+        fr = fr + spec_relpos_mha(cl.cross_attn, b, a, -1, False, scale)[0]  # offsets x_L - x_R
         c = cl.norm2(fr)
-        mask = torch.zeros(w, w).masked_fill(torch.ones(w, w, dtype=torch.bool).triu(1), float("-inf"))
-        upd, logits = mha(cl.cross_attn, a, c, pe, mask if i == len(tf.self_attn_layers) - 1 else None)
+        upd, logits = spec_relpos_mha(cl.cross_attn, a, c, 1, i == last, scale)
         fl = fl + upd
     return logits.view(B, h, w, w)
 
@@ -284,6 +262,11 @@ def test_loss_and_metrics():
     losses = sttr_loss(out, b["disp"], b["occ_mask"], b["occ_mask_right"])
     assert set(losses) == {"rr", "l1_raw", "l1", "occ_be", "loss"}
     assert all(torch.isfinite(v) and v > 0 for v in losses.values())
+    valid = (b["disp"] > 0) & ~b["occ_mask"]
+    torch.testing.assert_close(losses["l1"], F.smooth_l1_loss(out["disparity"][valid], b["disp"][valid]))
+    occ = out["occlusion"]
+    be = torch.cat([-torch.log(occ[b["occ_mask"]] + 1e-6), -torch.log(1 - occ[valid] + 1e-6)]).mean()
+    torch.testing.assert_close(losses["occ_be"], be)
     losses["loss"].backward()
     assert model.regression_head.phi.grad is not None and model.backbone.in_conv[0].weight.grad.abs().sum() > 0
     disp, occ = b["disp"], b["occ_mask"]
@@ -363,3 +346,19 @@ def test_from_checkpoint_with_pickled_objects_needs_consent(tmp_path):
         STTR.from_checkpoint(str(path), config=tiny.config)
     loaded = STTR.from_checkpoint(str(path), config=tiny.config, weights_only=False)
     assert torch.equal(loaded.regression_head.cal.out_conv.weight, tiny.regression_head.cal.out_conv.weight)
+
+
+def test_softmax_regression_head():
+    """The paper's ablation: a row softmax over the dustbin-augmented scores instead of optimal transport."""
+    left, right, _ = _pair(1, 128, 128, seed=9)
+    torch.manual_seed(0)
+    model = STTR.from_preset("tiny", regression="softmax", stride=4).eval()
+    with torch.no_grad():
+        out = model(left, right, return_intermediates=True)
+    rows = out["transport"].sum(-1)
+    torch.testing.assert_close(rows, torch.ones_like(rows))  # every row, dustbin row included
+    logits = out["logits"][0]
+    phi = model.regression_head.phi
+    aug = torch.cat([torch.cat([logits, phi.expand(*logits.shape[:-1], 1)], -1),
+                     phi.expand(logits.shape[0], 1, logits.shape[-1] + 1)], -2)
+    torch.testing.assert_close(out["transport"][0], aug.softmax(-1))

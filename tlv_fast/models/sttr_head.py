@@ -73,6 +73,11 @@ class RegressionHead(nn.Module):
                 "disparity_raw": d_raw, "window_mass": mass, "occlusion_low_res": occ_raw}
 
 
+def _masked_sum(x, mask):
+    """Sum of x where mask (entries outside it may be non-finite: where, not a product)."""
+    return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum()
+
+
 def _tokens(x, rows, cols):
     return x.index_select(-2, rows).index_select(-1, cols)
 
@@ -113,19 +118,24 @@ def sttr_loss(outputs, disp, occ_mask=None, occ_mask_right=None, weights=None, p
     inv_t, disp_t = _tokens(invalid, rows, cols), _tokens(disp, rows, cols)
     plan = outputs["transport"]
     resp = gt_response(plan[..., :-1, :-1], disp_t, cols, outputs["scale"], outputs["stride"], parity)
-    rr = [-torch.log(resp[~inv_t] + eps)]
+    valid_t = ~inv_t
+    # masked means as sums over the masks: no data-dependent shapes, so no host synchronisation in a training step
+    rr_sum, rr_n = _masked_sum(-torch.log(resp + eps), valid_t), valid_t.sum()
     if occ_mask is not None:
-        rr.append(-torch.log(plan[..., :-1, -1][_tokens(occ_mask, rows, cols)] + eps))
+        occ_t = _tokens(occ_mask, rows, cols)
+        rr_sum, rr_n = rr_sum + _masked_sum(-torch.log(plan[..., :-1, -1] + eps), occ_t), rr_n + occ_t.sum()
     if occ_mask_right is not None:
-        rr.append(-torch.log(plan[..., -1, :-1][_tokens(occ_mask_right, rows, cols)] + eps))
-    losses = {"rr": torch.cat(rr).mean(),
-              "l1_raw": F.smooth_l1_loss(outputs["disparity_low_res"][~inv_t], disp_t[~inv_t]),
-              "l1": F.smooth_l1_loss(outputs["disparity"][~invalid], disp[~invalid])}
+        occ_rt = _tokens(occ_mask_right, rows, cols)
+        rr_sum, rr_n = rr_sum + _masked_sum(-torch.log(plan[..., -1, :-1] + eps), occ_rt), rr_n + occ_rt.sum()
+    valid = ~invalid
+    smooth_l1 = lambda x, y, m: _masked_sum(F.smooth_l1_loss(x, y, reduction="none"), m) / m.sum()  # noqa: E731
+    losses = {"rr": rr_sum / rr_n, "l1_raw": smooth_l1(outputs["disparity_low_res"], disp_t, valid_t),
+              "l1": smooth_l1(outputs["disparity"], disp, valid)}
     occ = outputs["occlusion"]
-    be = [-torch.log(1.0 - occ[~invalid] + eps)]
+    be_sum, be_n = _masked_sum(-torch.log(1.0 - occ + eps), valid), valid.sum()
     if occ_mask is not None:
-        be.insert(0, -torch.log(occ[occ_mask] + eps))
-    losses["occ_be"] = torch.cat(be).mean()
+        be_sum, be_n = be_sum + _masked_sum(-torch.log(occ + eps), occ_mask), be_n + occ_mask.sum()
+    losses["occ_be"] = be_sum / be_n
     losses["loss"] = sum(weights[k] * losses[k] for k in ("rr", "l1_raw", "l1", "occ_be"))
     return losses
 
