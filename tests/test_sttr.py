@@ -250,6 +250,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         loss = sttr_loss(model(left, right), b["disp"], b["occ_mask"], b["occ_mask_right"])["loss"]
         loss.backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and "backbone.in_conv.0.weight" in grads[0]
     for name in grads[0]:
         torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-4)
 
@@ -275,6 +276,9 @@ def test_loss_and_metrics():
     off = stereo_metrics(disp + 4.0, 1 - occ.float(), disp, occ)
     assert off["epe"] == pytest.approx(4.0) and off["px_error_rate"] == 1 and off["iou"] == 0
     assert off["total_px"] == int((~occ).sum())
+    # a pixel neither valid (no ground truth) nor occluded is ignored by the IoU, whatever is predicted there
+    d1, o1 = torch.tensor([[[1.0, 1.0, 0.0, 1.0]]]), torch.tensor([[[False, True, False, False]]])
+    assert stereo_metrics(d1, torch.tensor([[[0.0, 1.0, 1.0, 0.0]]]), d1, o1)["iou"] == 1
 
 
 def test_synthetic_pairs_have_exact_ground_truth():
