@@ -5,7 +5,7 @@ import dataclasses
 import torch
 
 import tlv_fast
-from tlv_fast import reference
+from tlv_fast import formulas, reference
 
 from .common import guarded
 
@@ -47,7 +47,7 @@ def _flex(case):
     def run(q, k, v, qr, kr, sign, mask, logits):
         if logits:
             raise RuntimeError("FlexAttention returns no logits")
-        rows = reference.relpos_rows(case.W, case.W, sign, q.device)
+        rows = formulas.relpos_rows(case.W, case.W, sign, q.device)
         tq = q @ kr.permute(1, 2, 0)  # (B, H, W, 2W - 1) positional logit tables
         tk = k @ qr.permute(1, 2, 0)
 

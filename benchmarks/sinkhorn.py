@@ -52,7 +52,7 @@ def provider_fn(name, device):
     if name == "compiled":
         return torch.compile(lambda s, a, b, it: reference.sinkhorn(s, a, b, it), dynamic=False)
     if name == "tlv_fast":
-        return lambda s, a, b, it: tlv_fast.sinkhorn(s, a, b, it, backend="cuda")
+        return lambda s, a, b, it: tlv_fast.sinkhorn(s, a, b, it, backend="native")
     raise ValueError(f"unknown provider {name!r}")
 
 

@@ -1,4 +1,4 @@
-// Batched log-domain Sinkhorn (entropic optimal transport): the op schema and the CPU implementation.
+// Batched log-domain Sinkhorn (entropic optimal transport): the CPU implementation (schema: schemas.cpp).
 //
 //   v_j = log_nu_j - LSE_i(S_ij + u_i),   u_i = log_mu_i - LSE_j(S_ij + v_j)      (Cuturi 2013, log domain)
 //
@@ -18,6 +18,8 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include "checks.h"
 
 #include <algorithm>
 #include <cmath>
@@ -213,24 +215,6 @@ struct Problem {
   }
 };
 
-void check_inputs(const at::Tensor& scores, const at::Tensor& log_mu, const at::Tensor& log_nu,
-                  const std::optional<at::Tensor>& bin_score) {
-  TORCH_CHECK(scores.dim() == 3, "sinkhorn: scores must be (B, M, N), got ", scores.sizes());
-  const int64_t bins = bin_score.has_value() ? 1 : 0;
-  TORCH_CHECK(log_mu.dim() == 2 && log_mu.size(0) == scores.size(0) && log_mu.size(1) == scores.size(1) + bins,
-              "sinkhorn: log_mu must be (B, M", bins ? " + 1" : "", "), got ", log_mu.sizes());
-  TORCH_CHECK(log_nu.dim() == 2 && log_nu.size(0) == scores.size(0) && log_nu.size(1) == scores.size(2) + bins,
-              "sinkhorn: log_nu must be (B, N", bins ? " + 1" : "", "), got ", log_nu.sizes());
-  // marginals, dustbin score and potentials are in the accumulation dtype: float32 for 16-bit scores
-  const auto acc = at::toOpMathType(scores.scalar_type());
-  TORCH_CHECK(log_mu.scalar_type() == acc && log_nu.scalar_type() == acc, "sinkhorn: log_mu and log_nu must be ",
-              acc, " for ", scores.scalar_type(), " scores, got ", log_mu.scalar_type(), " and ", log_nu.scalar_type());
-  if (bins) {
-    TORCH_CHECK(bin_score->numel() == 1 && bin_score->scalar_type() == acc,
-                "sinkhorn: bin_score must be a one-element ", acc, " tensor");
-  }
-}
-
 template <typename scalar_t>
 void sinkhorn_fwd_impl(const at::Tensor& scores, const at::Tensor& log_mu, const at::Tensor& log_nu,
                        const scalar_t* pbin, int64_t iters, bool col_first, std::optional<double> exp_log_scale,
@@ -274,8 +258,7 @@ void sinkhorn_fwd_impl(const at::Tensor& scores, const at::Tensor& log_mu, const
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sinkhorn_fwd_cpu(
     const at::Tensor& scores, const at::Tensor& log_mu, const at::Tensor& log_nu,
     const std::optional<at::Tensor>& bin_score, int64_t iters, bool col_first, std::optional<double> exp_log_scale) {
-  check_inputs(scores, log_mu, log_nu, bin_score);
-  TORCH_CHECK(iters >= 1, "sinkhorn: iters must be >= 1, got ", iters);
+  check_sinkhorn(scores, log_mu, log_nu, bin_score, iters);
   TORCH_CHECK(scores.scalar_type() == at::kFloat || scores.scalar_type() == at::kDouble,
               "sinkhorn (CPU): scores must be float32 or float64, got ", scores.scalar_type());
   const int64_t bins = bin_score.has_value() ? 1 : 0;
@@ -375,8 +358,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_bwd_cpu(
     const at::Tensor& grad, const at::Tensor& scores, const at::Tensor& log_mu, const at::Tensor& log_nu,
     const std::optional<at::Tensor>& bin_score, const at::Tensor& out, const at::Tensor& us, const at::Tensor& vs,
     bool col_first, std::optional<double> exp_log_scale) {
-  check_inputs(scores, log_mu, log_nu, bin_score);
-  TORCH_CHECK(grad.sizes() == out.sizes(), "sinkhorn backward: grad must have the output's shape");
+  check_sinkhorn(scores, log_mu, log_nu, bin_score, us.size(1) - 1);
+  check_sinkhorn_grad(grad, scores, out, us, vs);
   const int64_t bins = bin_score.has_value() ? 1 : 0;
   const int64_t B = scores.size(0), M = scores.size(1), N = scores.size(2);
   auto d_scores = at::empty({B, M, N}, scores.options());
@@ -395,13 +378,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_bwd_cpu(
 }
 
 }  // namespace
-
-TORCH_LIBRARY(tlv_fast, m) {
-  m.def("sinkhorn_fwd(Tensor scores, Tensor log_mu, Tensor log_nu, Tensor? bin_score, int iters, bool col_first, "
-        "float? exp_log_scale) -> (Tensor, Tensor, Tensor)");
-  m.def("sinkhorn_bwd(Tensor grad, Tensor scores, Tensor log_mu, Tensor log_nu, Tensor? bin_score, Tensor out, "
-        "Tensor us, Tensor vs, bool col_first, float? exp_log_scale) -> (Tensor, Tensor, Tensor, Tensor)");
-}
 
 TORCH_LIBRARY_IMPL(tlv_fast, CPU, m) {
   m.impl("sinkhorn_fwd", &sinkhorn_fwd_cpu);

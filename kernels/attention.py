@@ -11,19 +11,33 @@ Conventions inside the kernels
   ``dropout_keep_mask`` (the testing hook) call the same ``_dropout_keep``. The counter is 32-bit: streams repeat
   within one (batch, head) only beyond 2^32 query-key pairs (Nq = Nk > 65536).
 """
-import contextlib
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
+from .common import (
+    BCAST_ALONG_A,
+    BCAST_ALONG_B,
+    BCAST_NONE,
+    C_MASK_NONE,
+    MASK_BOOL,
+    MASK_FLOAT,
+    MASK_NONE,
+    backward_delta,
+    bias_tile,
+    block_dim,
+    dot,
+    dot_args,
+    launch,
+    load_tile,
+    store_tile,
+    tuning,
+)
+from .common import interpreted as common_interpreted
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# shared device helpers
+# attention-only device helpers (the shared tile helpers are in common.py)
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _dropout_keep(seed, bh, offs_a, offs_b, N_K, A_IS_KEY: tl.constexpr, dropout_p):
@@ -37,73 +51,16 @@ def _dropout_keep(seed, bh, offs_a, offs_b, N_K, A_IS_KEY: tl.constexpr, dropout
 
 
 @triton.jit
-def _bias_tile(mask_base, offs_a, offs_b, stride_a, stride_b, N_A, N_B,
-               MASK_KIND: tl.constexpr, BCAST: tl.constexpr, CHECK_A: tl.constexpr, CHECK_B: tl.constexpr):
-    # additive bias in log2 units for a tile (a, b); BCAST = 1: constant along b, 2: constant along a
-    if BCAST == 1:
-        ptrs = mask_base + offs_a * stride_a
-        if CHECK_A:
-            m = tl.load(ptrs, mask=offs_a < N_A, other=0)
-        else:
-            m = tl.load(ptrs)
-        m = m[:, None]
-    elif BCAST == 2:
-        ptrs = mask_base + offs_b * stride_b
-        if CHECK_B:
-            m = tl.load(ptrs, mask=offs_b < N_B, other=0)
-        else:
-            m = tl.load(ptrs)
-        m = m[None, :]
+def _key_range(start_m, N_K, causal_offset, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # keys [0, n_full) are in range and visible to every row of the query block at start_m (n_full a multiple of
+    # BLOCK_N); keys [n_full, hi) need masking
+    if IS_CAUSAL:
+        hi = tl.minimum(N_K, tl.maximum(start_m + BLOCK_M + causal_offset, 0))
+        n_full = tl.minimum(N_K, tl.maximum(start_m + causal_offset + 1, 0))
     else:
-        ptrs = mask_base + offs_a[:, None] * stride_a + offs_b[None, :] * stride_b
-        if CHECK_A and CHECK_B:
-            m = tl.load(ptrs, mask=(offs_a[:, None] < N_A) & (offs_b[None, :] < N_B), other=0)
-        elif CHECK_A:
-            m = tl.load(ptrs, mask=offs_a[:, None] < N_A, other=0)
-        elif CHECK_B:
-            m = tl.load(ptrs, mask=offs_b[None, :] < N_B, other=0)
-        else:
-            m = tl.load(ptrs)
-    if MASK_KIND == 1:
-        return tl.where(m != 0, 0.0, float("-inf"))
-    else:
-        return m.to(tl.float32) * 1.4426950408889634  # 1/ln 2
-
-
-@triton.jit
-def _load_tile(base, offs_a, offs_b, stride_a, stride_b, N_A, N_B, CHECK_A: tl.constexpr, CHECK_B: tl.constexpr):
-    # tile (a, b), zero outside [0, N_A) x [0, N_B) along the axes flagged CHECK_*
-    ptrs = base + offs_a[:, None] * stride_a + offs_b[None, :] * stride_b
-    if CHECK_A and CHECK_B:
-        return tl.load(ptrs, mask=(offs_a[:, None] < N_A) & (offs_b[None, :] < N_B), other=0.0)
-    elif CHECK_A:
-        return tl.load(ptrs, mask=offs_a[:, None] < N_A, other=0.0)
-    elif CHECK_B:
-        return tl.load(ptrs, mask=offs_b[None, :] < N_B, other=0.0)
-    else:
-        return tl.load(ptrs)
-
-
-@triton.jit
-def _store_tile(base, val, offs_a, offs_b, stride_a, stride_b, N_A, N_B, CHECK_A: tl.constexpr, CHECK_B: tl.constexpr):
-    ptrs = base + offs_a[:, None] * stride_a + offs_b[None, :] * stride_b
-    if CHECK_A and CHECK_B:
-        tl.store(ptrs, val, mask=(offs_a[:, None] < N_A) & (offs_b[None, :] < N_B))
-    elif CHECK_A:
-        tl.store(ptrs, val, mask=offs_a[:, None] < N_A)
-    elif CHECK_B:
-        tl.store(ptrs, val, mask=offs_b[None, :] < N_B)
-    else:
-        tl.store(ptrs, val)
-
-
-@triton.jit
-def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    # UPCAST: only under the interpreter, whose bf16 tl.dot is wrong (design.md); fp32 math on bf16 values
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    else:
-        return tl.dot(a, b, input_precision=PRECISION)
+        hi = N_K
+        n_full = N_K
+    return (n_full // BLOCK_N) * BLOCK_N, hi
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -120,10 +77,10 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, seed, bh,
     # MASKED: this key range may hold keys past N_K or above the causal diagonal
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kT = _load_tile(k_base, offs_d, offs_n, stride_kd, stride_kn, HEAD_DIM, N_K, CHECK_D, MASKED)  # (D, N)
-        s = _dot(q, kT, PRECISION, UPCAST) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
-        if MASK_KIND != 0:
-            s += _bias_tile(mask_base, offs_m, offs_n, stride_mm, stride_mn, N_Q, N_K,
+        kT = load_tile(k_base, offs_d, offs_n, stride_kd, stride_kn, HEAD_DIM, N_K, CHECK_D, MASKED)  # (D, N)
+        s = dot(q, kT, PRECISION, UPCAST) * qk_scale  # (BLOCK_M, BLOCK_N), log2 units
+        if MASK_KIND != C_MASK_NONE:
+            s += bias_tile(mask_base, offs_m, offs_n, stride_mm, stride_mn, N_Q, N_K,
                             MASK_KIND, MASK_BCAST, CHECK_M, MASKED)
         if MASKED:
             valid = offs_n[None, :] < N_K
@@ -131,7 +88,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, seed, bh,
                 valid = valid & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
             s = tl.where(valid, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        if MASKED or MASK_KIND != 0:
+        if MASKED or MASK_KIND != C_MASK_NONE:
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: keep exp2 finite
         else:
             m_use = m_new
@@ -141,8 +98,8 @@ def _attn_fwd_inner(acc, l_i, m_i, q, k_base, v_base, mask_base, seed, bh,
         acc = acc * alpha[:, None]
         if HAS_DROPOUT:
             p = tl.where(_dropout_keep(seed, bh, offs_m, offs_n, N_K, False, dropout_p), p, 0.0)
-        v = _load_tile(v_base, offs_n, offs_dv, stride_vn, stride_vd, N_K, HEAD_DIM_V, MASKED, CHECK_DV)
-        acc = acc + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
+        v = load_tile(v_base, offs_n, offs_dv, stride_vn, stride_vd, N_K, HEAD_DIM_V, MASKED, CHECK_DV)
+        acc = acc + dot(p.to(v.dtype), v, PRECISION, UPCAST)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -186,20 +143,13 @@ def _attn_fwd_kernel(
     if HAS_DROPOUT:
         seed = tl.load(Seed)
 
-    q = _load_tile(q_base, offs_m, offs_d, stride_qm, stride_qd, N_Q, HEAD_DIM, not EVEN_M, CHECK_D)  # (M, D)
+    q = load_tile(q_base, offs_m, offs_d, stride_qm, stride_qd, N_Q, HEAD_DIM, not EVEN_M, CHECK_D)  # (M, D)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     qk_scale = sm_scale * 1.4426950408889634  # 1/ln 2: exp(x) = exp2(x * log2 e)
 
-    # keys [0, n_full) are in range and visible to every row of the block; [n_full, hi) need masking
-    if IS_CAUSAL:
-        hi = tl.minimum(N_K, tl.maximum(start_m + BLOCK_M + causal_offset, 0))
-        n_full = tl.minimum(N_K, tl.maximum(start_m + causal_offset + 1, 0))
-    else:
-        hi = N_K
-        n_full = N_K
-    n_full = (n_full // BLOCK_N) * BLOCK_N
+    n_full, hi = _key_range(start_m, N_K, causal_offset, IS_CAUSAL, BLOCK_M, BLOCK_N)
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, mask_base, seed, bh,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
@@ -221,7 +171,7 @@ def _attn_fwd_kernel(
         acc = acc * (1.0 / l_safe)[:, None]
     lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # ln 2: back to natural log
     o_base = Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
-    _store_tile(o_base, acc.to(Out.dtype.element_ty), offs_m, offs_dv, stride_om, stride_od, N_Q, HEAD_DIM_V,
+    store_tile(o_base, acc.to(Out.dtype.element_ty), offs_m, offs_dv, stride_om, stride_od, N_Q, HEAD_DIM_V,
                 not EVEN_M, CHECK_DV)
     lse_ptrs = Lse + bh.to(tl.int64) * N_Q + offs_m
     if EVEN_M:
@@ -235,33 +185,6 @@ def _attn_fwd_kernel(
 #   P = exp(S - lse), dV = P^T dO, dP = dO V^T, dS = P * (dP - Delta), dQ = dS K * scale, dK = dS^T Q * scale,
 #   Delta = rowsum(dO * O) - dlse (the gradient reaching the returned lse enters dS as + P * dlse)
 # ----------------------------------------------------------------------------------------------------------------
-@triton.jit
-def _attn_bwd_preprocess_kernel(
-    Out, DO, DLse, Delta,
-    stride_ob, stride_oh, stride_om, stride_od,
-    stride_db, stride_dh, stride_dm, stride_dd,
-    stride_lb, stride_lh, stride_lm,
-    H, N_Q,
-    HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_DLSE: tl.constexpr, BLOCK_M: tl.constexpr,
-):
-    num_m = tl.cdiv(N_Q, BLOCK_M)
-    pid = tl.program_id(0)
-    bh = pid // num_m
-    b = bh // H
-    h = bh % H
-    offs_m = (pid % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_DV)
-    o = _load_tile(Out + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh, offs_m, offs_d,
-                   stride_om, stride_od, N_Q, HEAD_DIM_V, True, HEAD_DIM_V != BLOCK_DV)
-    do = _load_tile(DO + b.to(tl.int64) * stride_db + h.to(tl.int64) * stride_dh, offs_m, offs_d,
-                    stride_dm, stride_dd, N_Q, HEAD_DIM_V, True, HEAD_DIM_V != BLOCK_DV)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    if HAS_DLSE:
-        dlse_ptrs = DLse + b.to(tl.int64) * stride_lb + h.to(tl.int64) * stride_lh + offs_m * stride_lm
-        delta -= tl.load(dlse_ptrs, mask=offs_m < N_Q, other=0.0).to(tl.float32)
-    tl.store(Delta + bh.to(tl.int64) * N_Q + offs_m, delta, mask=offs_m < N_Q)
-
-
 @triton.jit
 def _load_lse2(Lse, offs_m, N_Q, CHECK_M: tl.constexpr):
     # lse in log2 units; rows without keys (lse = -inf) and rows past N_Q get +inf so that exp2(s - lse) = 0
@@ -284,35 +207,35 @@ def _attn_bwd_dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, ma
     # tiles are transposed, (keys, queries), so no large operand needs a transpose
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        qT = _load_tile(q_base, offs_d, offs_m, stride_qd, stride_qm, HEAD_DIM, N_Q, CHECK_D, CHECK_M)  # (D, M)
+        qT = load_tile(q_base, offs_d, offs_m, stride_qd, stride_qm, HEAD_DIM, N_Q, CHECK_D, CHECK_M)  # (D, M)
         lse2 = _load_lse2(lse_base, offs_m, N_Q, CHECK_M)
-        sT = _dot(k, qT, PRECISION, UPCAST) * qk_scale  # (N, M)
-        if MASK_KIND != 0:
-            sT += _bias_tile(mask_base, offs_n, offs_m, stride_mn, stride_mm, N_K, N_Q,
-                             MASK_KIND, (3 - MASK_BCAST) % 3, CHECK_N, CHECK_M)  # 1 <-> 2
+        sT = dot(k, qT, PRECISION, UPCAST) * qk_scale  # (N, M)
+        if MASK_KIND != C_MASK_NONE:
+            sT += bias_tile(mask_base, offs_n, offs_m, stride_mn, stride_mm, N_K, N_Q,
+                             MASK_KIND, (3 - MASK_BCAST) % 3, CHECK_N, CHECK_M)  # transposed: ALONG_A <-> ALONG_B
         pT = tl.math.exp2(sT - lse2[None, :])
         if CAUSAL_MASK or CHECK_N:
             valid = offs_n[:, None] < N_K
             if CAUSAL_MASK:
                 valid = valid & (offs_n[:, None] <= offs_m[None, :] + causal_offset)
             pT = tl.where(valid, pT, 0.0)
-        do = _load_tile(do_base, offs_m, offs_dv, stride_dom, stride_dod, N_Q, HEAD_DIM_V, CHECK_M, CHECK_DV)
-        dpT = _dot(v, tl.trans(do), PRECISION, UPCAST)  # (N, M)
+        do = load_tile(do_base, offs_m, offs_dv, stride_dom, stride_dod, N_Q, HEAD_DIM_V, CHECK_M, CHECK_DV)
+        dpT = dot(v, tl.trans(do), PRECISION, UPCAST)  # (N, M)
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, bh, offs_n, offs_m, N_K, True, dropout_p)
             inv_keep = 1.0 / (1.0 - dropout_p)
-            dv += _dot(tl.where(keep, pT * inv_keep, 0.0).to(do.dtype), do, PRECISION, UPCAST)
+            dv += dot(tl.where(keep, pT * inv_keep, 0.0).to(do.dtype), do, PRECISION, UPCAST)
             dpT = tl.where(keep, dpT * inv_keep, 0.0)
         else:
-            dv += _dot(pT.to(do.dtype), do, PRECISION, UPCAST)
+            dv += dot(pT.to(do.dtype), do, PRECISION, UPCAST)
         if CHECK_M:
             delta = tl.load(delta_base + offs_m, mask=offs_m < N_Q, other=0.0)
         else:
             delta = tl.load(delta_base + offs_m)
         dsT = pT * (dpT - delta[None, :])
         if STORE_DMASK:
-            _store_tile(dmask_base, dsT, offs_n, offs_m, stride_dmn, stride_dmm, N_K, N_Q, CHECK_N, CHECK_M)
-        dk += _dot(dsT.to(qT.dtype), tl.trans(qT), PRECISION, UPCAST)
+            store_tile(dmask_base, dsT, offs_n, offs_m, stride_dmn, stride_dmm, N_K, N_Q, CHECK_N, CHECK_M)
+        dk += dot(dsT.to(qT.dtype), tl.trans(qT), PRECISION, UPCAST)
     return dk, dv
 
 
@@ -352,9 +275,9 @@ def _attn_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
 
-    k = _load_tile(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh, offs_n, offs_d,
+    k = load_tile(K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh, offs_n, offs_d,
                    stride_kn, stride_kd, N_K, HEAD_DIM, not EVEN_N, CHECK_D)  # (N, D)
-    v = _load_tile(V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh, offs_n, offs_dv,
+    v = load_tile(V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh, offs_n, offs_dv,
                    stride_vn, stride_vd, N_K, HEAD_DIM_V, not EVEN_N, CHECK_DV)  # (N, Dv)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
@@ -395,9 +318,9 @@ def _attn_bwd_dkdv_kernel(
             HEAD_DIM, HEAD_DIM_V, BLOCK_M, CHECK_D, CHECK_DV, not EVEN_M, not EVEN_N,
             False, MASK_KIND, MASK_BCAST, HAS_DROPOUT, STORE_DMASK, PRECISION, UPCAST)
     dk = dk * sm_scale
-    _store_tile(DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh, dk.to(DK.dtype.element_ty),
+    store_tile(DK + b.to(tl.int64) * stride_dkb + hk.to(tl.int64) * stride_dkh, dk.to(DK.dtype.element_ty),
                 offs_n, offs_d, stride_dkn, stride_dkd, N_K, HEAD_DIM, not EVEN_N, CHECK_D)
-    _store_tile(DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh, dv.to(DV.dtype.element_ty),
+    store_tile(DV + b.to(tl.int64) * stride_dvb + hk.to(tl.int64) * stride_dvh, dv.to(DV.dtype.element_ty),
                 offs_n, offs_dv, stride_dvn, stride_dvd, N_K, HEAD_DIM_V, not EVEN_N, CHECK_DV)
 
 
@@ -412,11 +335,11 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, mask_base, seed, 
                        PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kT = _load_tile(k_base, offs_d, offs_n, stride_kd, stride_kn, HEAD_DIM, N_K, CHECK_D, MASKED)  # (D, N)
-        vT = _load_tile(v_base, offs_dv, offs_n, stride_vd, stride_vn, HEAD_DIM_V, N_K, CHECK_DV, MASKED)
-        s = _dot(q, kT, PRECISION, UPCAST) * qk_scale  # (M, N)
-        if MASK_KIND != 0:
-            s += _bias_tile(mask_base, offs_m, offs_n, stride_mm, stride_mn, N_Q, N_K,
+        kT = load_tile(k_base, offs_d, offs_n, stride_kd, stride_kn, HEAD_DIM, N_K, CHECK_D, MASKED)  # (D, N)
+        vT = load_tile(v_base, offs_dv, offs_n, stride_vd, stride_vn, HEAD_DIM_V, N_K, CHECK_DV, MASKED)
+        s = dot(q, kT, PRECISION, UPCAST) * qk_scale  # (M, N)
+        if MASK_KIND != C_MASK_NONE:
+            s += bias_tile(mask_base, offs_m, offs_n, stride_mm, stride_mn, N_Q, N_K,
                             MASK_KIND, MASK_BCAST, CHECK_M, MASKED)
         p = tl.math.exp2(s - lse2[:, None])
         if MASKED:
@@ -424,12 +347,12 @@ def _attn_bwd_dq_inner(dq, q, do, lse2, delta, k_base, v_base, mask_base, seed, 
             if IS_CAUSAL:
                 valid = valid & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
             p = tl.where(valid, p, 0.0)
-        dp = _dot(do, vT, PRECISION, UPCAST)  # (M, N)
+        dp = dot(do, vT, PRECISION, UPCAST)  # (M, N)
         if HAS_DROPOUT:
             keep = _dropout_keep(seed, bh, offs_m, offs_n, N_K, False, dropout_p)
             dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(kT.dtype), tl.trans(kT), PRECISION, UPCAST)
+        dq += dot(ds.to(kT.dtype), tl.trans(kT), PRECISION, UPCAST)
     return dq
 
 
@@ -465,9 +388,9 @@ def _attn_bwd_dq_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
 
-    q = _load_tile(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh, offs_m, offs_d,
+    q = load_tile(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh, offs_m, offs_d,
                    stride_qm, stride_qd, N_Q, HEAD_DIM, not EVEN_M, CHECK_D)
-    do = _load_tile(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh, offs_m, offs_dv,
+    do = load_tile(DO + b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh, offs_m, offs_dv,
                     stride_dom, stride_dod, N_Q, HEAD_DIM_V, not EVEN_M, CHECK_DV)
     lse2 = _load_lse2(Lse + bh.to(tl.int64) * N_Q, offs_m, N_Q, not EVEN_M)
     if EVEN_M:
@@ -483,13 +406,7 @@ def _attn_bwd_dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     qk_scale = sm_scale * 1.4426950408889634  # 1/ln 2
 
-    if IS_CAUSAL:
-        hi = tl.minimum(N_K, tl.maximum(start_m + BLOCK_M + causal_offset, 0))
-        n_full = tl.minimum(N_K, tl.maximum(start_m + causal_offset + 1, 0))
-    else:
-        hi = N_K
-        n_full = N_K
-    n_full = (n_full // BLOCK_N) * BLOCK_N
+    n_full, hi = _key_range(start_m, N_K, causal_offset, IS_CAUSAL, BLOCK_M, BLOCK_N)
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse2, delta, k_base, v_base, mask_base, seed, bh,
         stride_kn, stride_kd, stride_vn, stride_vd, stride_mm, stride_mn,
@@ -503,7 +420,7 @@ def _attn_bwd_dq_kernel(
         HEAD_DIM, HEAD_DIM_V, BLOCK_N, CHECK_D, CHECK_DV, not EVEN_M,
         True, IS_CAUSAL, MASK_KIND, MASK_BCAST, HAS_DROPOUT, PRECISION, UPCAST)
     dq = dq * sm_scale
-    _store_tile(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh, dq.to(DQ.dtype.element_ty),
+    store_tile(DQ + b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh, dq.to(DQ.dtype.element_ty),
                 offs_m, offs_d, stride_dqm, stride_dqd, N_Q, HEAD_DIM, not EVEN_M, CHECK_D)
 
 
@@ -519,38 +436,15 @@ def _dropout_mask_kernel(Out, Seed, N_Q, N_K, dropout_p, BLOCK_M: tl.constexpr, 
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# launch configuration: autotuned on a GPU (keys bucketed so a growing KV cache does not retune every step);
-# one fixed small tile under the interpreter; tests may force tiles with force_blocks()
+# launch configuration: autotuned on a GPU (keys bucketed so a growing KV cache does not retune every step); the
+# interpreter and force_blocks() use one tile (common.launch)
 # ----------------------------------------------------------------------------------------------------------------
-_FORCED_BLOCKS = []
-_INTERPRET_BLOCKS = (16, 16)
 _TUNE_KEY = ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "MASK_KIND", "HAS_DROPOUT"]
 SMEM_BUDGET = 200 * 1024  # bytes; H100/H200 allow 227 KB per block, leave room for the compiler's scratch
 
 
-@contextlib.contextmanager
-def force_blocks(block_m, block_n, num_warps=4, num_stages=2):
-    """Use these tiles for every attention kernel launched inside the block (skips autotuning)."""
-    if block_m < 16 or block_n < 16 or block_m & (block_m - 1) or block_n & (block_n - 1):
-        raise ValueError(f"block sizes must be powers of two >= 16, got ({block_m}, {block_n})")
-    _FORCED_BLOCKS.append((block_m, block_n, num_warps, num_stages))
-    try:
-        yield
-    finally:
-        _FORCED_BLOCKS.pop()
-
-
-def block_dim(d):
-    """Padded head-dim tile: next power of two, at least 16 (tl.dot needs K >= 16)."""
-    return max(16, triton.next_power_of_2(d))
-
-
 def _bucket(n):
     return triton.next_power_of_2(max(int(n), 1))
-
-
-def _configs(pairs):
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs]
 
 
 def _prune(q_rows, k_rows, operands):
@@ -572,48 +466,35 @@ def _prune(q_rows, k_rows, operands):
     return prune
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages); ptxas for sm_90 (tests/test_kernels_compile.py) reports no spills
+# (BLOCK_M, BLOCK_N, num_warps, num_stages); ptxas for sm_90 (tests/kernels/test_compile.py) reports no spills
 # for these at D = 64 and 128 except the 128x128 forward at D = 128, kept for D <= 64. BLOCK_M = 16 serves decode.
-_FWD_CONFIGS = _configs([(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 8, 4),
-                         (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 4), (16, 64, 4, 4), (16, 128, 4, 3)])
-_DKDV_CONFIGS = _configs([(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (32, 64, 4, 4), (64, 64, 4, 3),
-                          (16, 128, 8, 3), (16, 64, 4, 2)])
-_DQ_CONFIGS = _configs([(128, 32, 8, 3), (128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3),
-                        (16, 64, 4, 3)])
-
-_TUNED = {}  # kernel -> its autotuned wrapper (GPU only: the interpreter runs one fixed tile)
-if not INTERPRET:
-    for _kernel, _configs_list, _key, _operands in [
-        (_attn_fwd_kernel, _FWD_CONFIGS, _TUNE_KEY, lambda m, n, d, dv: n * (d + dv)),
-        (_attn_bwd_dkdv_kernel, _DKDV_CONFIGS, _TUNE_KEY + ["STORE_DMASK"], lambda m, n, d, dv: m * (d + dv)),
-        (_attn_bwd_dq_kernel, _DQ_CONFIGS, _TUNE_KEY, lambda m, n, d, dv: n * (d + dv)),
-    ]:
-        _TUNED[_kernel] = triton.autotune(_configs_list, key=_key, prune_configs_by={
-            "early_config_prune": _prune(lambda m, n: m, lambda m, n: n, _operands)})(_kernel)
-    del _kernel, _configs_list, _key, _operands
+FWD_CONFIGS = [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 8, 4),
+               (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 4), (16, 64, 4, 4), (16, 128, 4, 3)]
+DKDV_CONFIGS = [(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (32, 64, 4, 4), (64, 64, 4, 3),
+                (16, 128, 8, 3), (16, 64, 4, 2)]
+DQ_CONFIGS = [(128, 32, 8, 3), (128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3), (16, 64, 4, 3)]
+_rows_m, _rows_n = (lambda m, n: m), (lambda m, n: n)
+tuning(_attn_fwd_kernel, FWD_CONFIGS, _TUNE_KEY, _prune(_rows_m, _rows_n, lambda m, n, d, dv: n * (d + dv)))
+tuning(_attn_bwd_dkdv_kernel, DKDV_CONFIGS, _TUNE_KEY + ["STORE_DMASK"],
+       _prune(_rows_m, _rows_n, lambda m, n, d, dv: m * (d + dv)))
+tuning(_attn_bwd_dq_kernel, DQ_CONFIGS, _TUNE_KEY, _prune(_rows_m, _rows_n, lambda m, n, d, dv: n * (d + dv)))
 
 
-def _launch(kernel, grid_rows, grid_axis, n_programs_other, args):
-    """Launch over cdiv(grid_rows, args[grid_axis]) * n_programs_other programs (1-D grid: no 65535 limit)."""
-    if INTERPRET or _FORCED_BLOCKS:
-        bm, bn, warps, stages = _FORCED_BLOCKS[-1] if _FORCED_BLOCKS else (*_INTERPRET_BLOCKS, 1, 1)
-        blocks = {"BLOCK_M": bm, "BLOCK_N": bn}
-        kernel[(triton.cdiv(grid_rows, blocks[grid_axis]) * n_programs_other,)](
-            **args, **blocks, num_warps=warps, num_stages=stages)
-    else:
-        _TUNED[kernel][lambda meta: (triton.cdiv(grid_rows, meta[grid_axis]) * n_programs_other,)](**args)
+def _grid(rows, axis, others):
+    """1-D grid of cdiv(rows, meta[axis]) * others programs (no 65535 limit)."""
+    return lambda meta: (triton.cdiv(rows, meta[axis]) * others,)
 
 
 def _mask_args(mask, q):
     """Kernel arguments for an optional mask already broadcast (expanded) to (B, Hq, Nq, Nk)."""
     if mask is None:
-        return dict(Mask=q, stride_mb=0, stride_mh=0, stride_mm=0, stride_mn=0), MASK_NONE, 0
+        return dict(Mask=q, stride_mb=0, stride_mh=0, stride_mm=0, stride_mn=0), MASK_NONE, BCAST_NONE
     kind = MASK_BOOL if mask.dtype == torch.bool else MASK_FLOAT
     if kind == MASK_BOOL:
         mask = mask.view(torch.uint8)
     sb, sh, sm, sn = mask.stride()
     n_q, n_k = mask.shape[-2:]
-    bcast = 2 if (sm == 0 or n_q == 1) else (1 if (sn == 0 or n_k == 1) else 0)
+    bcast = BCAST_ALONG_A if (sm == 0 or n_q == 1) else (BCAST_ALONG_B if (sn == 0 or n_k == 1) else BCAST_NONE)
     return dict(Mask=mask, stride_mb=sb, stride_mh=sh, stride_mm=sm, stride_mn=sn), kind, bcast
 
 
@@ -632,8 +513,7 @@ def _common_args(q, k, v, mask, seed, sm_scale, causal_offset, dropout_p, precis
         HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_D=block_dim(d), BLOCK_DV=block_dim(dv),
         CHECK_D=d != block_dim(d), CHECK_DV=dv != block_dim(dv),
         IS_CAUSAL=causal_offset is not None, MASK_KIND=kind, MASK_BCAST=bcast, HAS_DROPOUT=dropout_p > 0.0,
-        PRECISION="tf32" if (precision == "tf32" and q.dtype == torch.float32) else "ieee",
-        UPCAST=INTERPRET and q.dtype == torch.bfloat16,
+        **dot_args(_attn_fwd_kernel, q.dtype, precision),
     )
 
 
@@ -649,7 +529,7 @@ def attention_fwd(q, k, v, out, lse, mask=None, seed=None, sm_scale=1.0, causal_
     args = _common_args(q, k, v, mask, seed, sm_scale, causal_offset, dropout_p, precision)
     args.update(Out=out, Lse=lse, stride_ob=out.stride(0), stride_oh=out.stride(1), stride_om=out.stride(2),
                 stride_od=out.stride(3))
-    _launch(_attn_fwd_kernel, n_q, "BLOCK_M", B * H, args)
+    launch(_attn_fwd_kernel, _grid(n_q, "BLOCK_M", B * H), args)
     return out, lse
 
 
@@ -662,27 +542,20 @@ def attention_bwd(do, dlse, q, k, v, out, lse, dq, dk, dv, dmask=None, mask=None
     """
     B, H, n_q, _ = q.shape
     n_k = k.shape[2]
-    delta = torch.empty((B, H, n_q), device=q.device, dtype=torch.float32)
-    block_dv = block_dim(v.shape[3])
-    pre_block = 16 if INTERPRET else max(16, min(128, 8192 // block_dv))
-    has_dlse = dlse is not None
-    dl = dlse if has_dlse else lse
-    _attn_bwd_preprocess_kernel[(triton.cdiv(n_q, pre_block) * B * H,)](
-        out, do, dl, delta, *out.stride(), *do.stride(), *dl.stride(), H, n_q,
-        HEAD_DIM_V=v.shape[3], BLOCK_DV=block_dv, HAS_DLSE=has_dlse, BLOCK_M=pre_block)
+    delta = backward_delta(out, do, dlse)
 
     common = _common_args(q, k, v, mask, seed, sm_scale, causal_offset, dropout_p, precision)
     common.update(DO=do, Lse=lse, Delta=delta, stride_dob=do.stride(0), stride_doh=do.stride(1),
                   stride_dom=do.stride(2), stride_dod=do.stride(3))
     store_dmask = dmask is not None
     dm = dmask if store_dmask else delta.new_empty((1, 1, 1, 1))
-    _launch(_attn_bwd_dkdv_kernel, n_k, "BLOCK_N", B * k.shape[1], dict(
+    launch(_attn_bwd_dkdv_kernel, _grid(n_k, "BLOCK_N", B * k.shape[1]), dict(
         common, DK=dk, DV=dv, DMask=dm,
         stride_dkb=dk.stride(0), stride_dkh=dk.stride(1), stride_dkn=dk.stride(2), stride_dkd=dk.stride(3),
         stride_dvb=dv.stride(0), stride_dvh=dv.stride(1), stride_dvn=dv.stride(2), stride_dvd=dv.stride(3),
         stride_dmb=dm.stride(0), stride_dmh=dm.stride(1), stride_dmm=dm.stride(2), stride_dmn=dm.stride(3),
         STORE_DMASK=store_dmask))
-    _launch(_attn_bwd_dq_kernel, n_q, "BLOCK_M", B * H, dict(
+    launch(_attn_bwd_dq_kernel, _grid(n_q, "BLOCK_M", B * H), dict(
         common, DQ=dq,
         stride_dqb=dq.stride(0), stride_dqh=dq.stride(1), stride_dqm=dq.stride(2), stride_dqd=dq.stride(3)))
     return dq, dk, dv, dmask
@@ -694,3 +567,8 @@ def dropout_keep_mask(seed, B, H, n_q, n_k, dropout_p):
     grid = (triton.cdiv(n_q, 16), triton.cdiv(n_k, 16), B * H)
     _dropout_mask_kernel[grid](out, seed, n_q, n_k, float(dropout_p), BLOCK_M=16, BLOCK_N=16)
     return out.bool()
+
+
+def interpreted():
+    """True when these kernels run in Triton's CPU interpreter (decided when they were created)."""
+    return common_interpreted(_attn_fwd_kernel)

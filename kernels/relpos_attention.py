@@ -17,9 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import INTERPRET, _FORCED_BLOCKS, _attn_bwd_preprocess_kernel, _dot, _load_tile, block_dim
-
-_GPU_BLOCKS = (64, 64, 4, 2)  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
+from .common import backward_delta, block_dim, dot, dot_args, launch, load_tile, tuning
+from .common import interpreted as common_interpreted
 
 
 @triton.jit
@@ -53,9 +52,9 @@ def _relpos_scores(q, kT, qr_base, kr_base, stride_rr, stride_rd, stride_kr_r, s
     qrb = tl.load(qr_base + offs_l[:, None] * stride_rr + offs_d[None, :] * stride_rd,
                   mask=band_ok[:, None] & d_ok[None, :], other=0.0)
     cidx = _band_index(tl.arange(0, BLOCK_M), tl.arange(0, BLOCK_N), SIGN, BLOCK_M, BLOCK_N)  # (M, N)
-    s = _dot(q, kT, PRECISION, UPCAST)
-    s += tl.gather(_dot(q, tl.trans(krb), PRECISION, UPCAST), cidx, axis=1)   # q_i . KR[r_ij]
-    s += tl.gather(_dot(qrb, kT, PRECISION, UPCAST), cidx, axis=0)            # QR[r_ij] . k_j
+    s = dot(q, kT, PRECISION, UPCAST)
+    s += tl.gather(dot(q, tl.trans(krb), PRECISION, UPCAST), cidx, axis=1)   # q_i . KR[r_ij]
+    s += tl.gather(dot(qrb, kT, PRECISION, UPCAST), cidx, axis=0)            # QR[r_ij] . k_j
     return s, qrb, krb, offs_l, band_ok
 
 
@@ -67,7 +66,11 @@ def _valid(offs_m, offs_n, N_Q, N_K, MASK_UPPER: tl.constexpr):
     return ok
 
 
-@triton.heuristics({"EVEN_M": lambda a: a["N_Q"] % a["BLOCK_M"] == 0})
+def _band_width(a):
+    return triton.next_power_of_2(a["BLOCK_M"] + a["BLOCK_N"] - 1)  # BLOCK_L: table rows a tile touches, padded
+
+
+@triton.heuristics({"EVEN_M": lambda a: a["N_Q"] % a["BLOCK_M"] == 0, "BLOCK_L": _band_width})
 @triton.jit
 def _relpos_fwd_kernel(
     Q, K, V, QR, KR, Out, Lse, Logits,
@@ -110,7 +113,7 @@ def _relpos_fwd_kernel(
                          mask=(offs_m[:, None] < N_Q) & (offs_n[None, :] < N_K))
     for hh in range(0, n_heads):
         h = h0 + hh
-        q = _load_tile(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh, offs_m, offs_d,
+        q = load_tile(Q + b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh, offs_m, offs_d,
                        stride_qm, stride_qd, N_Q, HEAD_DIM, not EVEN_M, CHECK_D)
         k_base = K + b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
         v_base = V + b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
@@ -121,7 +124,7 @@ def _relpos_fwd_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
         for start_n in range(0, hi, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            kT = _load_tile(k_base, offs_d, offs_n, stride_kd, stride_kn, HEAD_DIM, N_K, CHECK_D, True)
+            kT = load_tile(k_base, offs_d, offs_n, stride_kd, stride_kn, HEAD_DIM, N_K, CHECK_D, True)
             s, qrb, krb, offs_l, band_ok = _relpos_scores(
                 q, kT, qr_base, kr_base, stride_rr, stride_rd, stride_kr_r, stride_kr_d, start_m, start_n,
                 offs_d, ROW0, n_rows, HEAD_DIM, SIGN, BLOCK_M, BLOCK_N, BLOCK_L, PRECISION, UPCAST)
@@ -136,8 +139,8 @@ def _relpos_fwd_kernel(
             p = tl.math.exp2((s - m_use[:, None]) * 1.4426950408889634)  # 1/ln 2
             alpha = tl.math.exp2((m_i - m_use) * 1.4426950408889634)
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = _load_tile(v_base, offs_n, offs_dv, stride_vn, stride_vd, N_K, HEAD_DIM_V, True, CHECK_DV)
-            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
+            v = load_tile(v_base, offs_n, offs_dv, stride_vn, stride_vd, N_K, HEAD_DIM_V, True, CHECK_DV)
+            acc = acc * alpha[:, None] + dot(p.to(v.dtype), v, PRECISION, UPCAST)
             m_i = m_new
             if RETURN_LOGITS:
                 tl.debug_barrier()  # the next head re-reads these logits (other threads may hold them)
@@ -155,6 +158,7 @@ def _rmw(ptrs, val, mask):
     tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + val, mask=mask)
 
 
+@triton.heuristics({"BLOCK_L": _band_width})
 @triton.jit
 def _relpos_bwd_kernel(
     Q, K, V, QR, KR, DO, Lse, Delta, DLogits, DQ, DK, DV, DQR, DKR,
@@ -211,8 +215,8 @@ def _relpos_bwd_kernel(
     i_of = tl.where(i_ok, i_of, 0)
     for start_n in range(0, N_K, BLOCK_N):
         offs_n = start_n + nl
-        k = _load_tile(k_base, offs_n, offs_d, stride_kn, stride_kd, N_K, HEAD_DIM, True, CHECK_D)  # (N, D)
-        v = _load_tile(v_base, offs_n, offs_dv, stride_vn, stride_vd, N_K, HEAD_DIM_V, True, CHECK_DV)
+        k = load_tile(k_base, offs_n, offs_d, stride_kn, stride_kd, N_K, HEAD_DIM, True, CHECK_D)  # (N, D)
+        v = load_tile(v_base, offs_n, offs_dv, stride_vn, stride_vd, N_K, HEAD_DIM_V, True, CHECK_DV)
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
         m_lo = 0
@@ -220,8 +224,8 @@ def _relpos_bwd_kernel(
             m_lo = (start_n // BLOCK_M) * BLOCK_M
         for start_m in range(m_lo, N_Q, BLOCK_M):
             offs_m = start_m + ml
-            q = _load_tile(q_base, offs_m, offs_d, stride_qm, stride_qd, N_Q, HEAD_DIM, True, CHECK_D)
-            do = _load_tile(do_base, offs_m, offs_dv, stride_dom, stride_dod, N_Q, HEAD_DIM_V, True, CHECK_DV)
+            q = load_tile(q_base, offs_m, offs_d, stride_qm, stride_qd, N_Q, HEAD_DIM, True, CHECK_D)
+            do = load_tile(do_base, offs_m, offs_dv, stride_dom, stride_dod, N_Q, HEAD_DIM_V, True, CHECK_DV)
             lse = tl.load(lse_base + offs_m, mask=offs_m < N_Q, other=float("inf"))
             delta = tl.load(delta_base + offs_m, mask=offs_m < N_Q, other=0.0)
             s, qrb, krb, offs_l, band_ok = _relpos_scores(
@@ -229,8 +233,8 @@ def _relpos_bwd_kernel(
                 start_n, offs_d, ROW0, n_rows, HEAD_DIM, SIGN, BLOCK_M, BLOCK_N, BLOCK_L, PRECISION, UPCAST)
             ok = _valid(offs_m, offs_n, N_Q, N_K, MASK_UPPER)
             p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
-            dv += _dot(tl.trans(p).to(do.dtype), do, PRECISION, UPCAST)
-            dp = _dot(do, tl.trans(v), PRECISION, UPCAST)
+            dv += dot(tl.trans(p).to(do.dtype), do, PRECISION, UPCAST)
+            dp = dot(do, tl.trans(v), PRECISION, UPCAST)
             ds = p * (dp - delta[:, None])
             if HAS_DLOGITS:
                 g = tl.load(DLogits + b.to(tl.int64) * stride_glb + offs_m[:, None] * stride_glm
@@ -239,10 +243,10 @@ def _relpos_bwd_kernel(
             ds1 = tl.where(j_ok, tl.gather(ds, j_of, axis=1), 0.0)   # (M, L): dS[i, j(i, c)]
             ds2 = tl.where(i_ok, tl.gather(ds, i_of, axis=0), 0.0)   # (L, N): dS[i(c, j), j]
             dsc = ds.to(q.dtype)
-            dk += _dot(tl.trans(dsc), q, PRECISION, UPCAST) + _dot(tl.trans(ds2.to(q.dtype)), qrb, PRECISION, UPCAST)
-            dq = _dot(dsc, k, PRECISION, UPCAST) + _dot(ds1.to(q.dtype), krb, PRECISION, UPCAST)
-            d_qr = _dot(ds2.to(q.dtype), k, PRECISION, UPCAST)                 # (L, D)
-            d_kr = _dot(tl.trans(ds1.to(q.dtype)), q, PRECISION, UPCAST)       # (L, D)
+            dk += dot(tl.trans(dsc), q, PRECISION, UPCAST) + dot(tl.trans(ds2.to(q.dtype)), qrb, PRECISION, UPCAST)
+            dq = dot(dsc, k, PRECISION, UPCAST) + dot(ds1.to(q.dtype), krb, PRECISION, UPCAST)
+            d_qr = dot(ds2.to(q.dtype), k, PRECISION, UPCAST)                 # (L, D)
+            d_kr = dot(tl.trans(ds1.to(q.dtype)), q, PRECISION, UPCAST)       # (L, D)
             _rmw(dq_base + offs_m[:, None] * BLOCK_D + offs_d[None, :], dq, (offs_m[:, None] < N_Q))
             band = band_ok[:, None] & (offs_d[None, :] < BLOCK_D)
             _rmw(dqr_base + offs_l[:, None] * BLOCK_D + offs_d[None, :], d_qr, band)
@@ -256,16 +260,15 @@ def _relpos_bwd_kernel(
         tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=(offs_n[:, None] < N_K) & (offs_dv[None, :] < HEAD_DIM_V))
 
 
-def _blocks():
-    if _FORCED_BLOCKS:
-        return _FORCED_BLOCKS[-1]
-    return (16, 16, 1, 1) if INTERPRET else _GPU_BLOCKS
+# one pinned tile on a GPU (BLOCK_M, BLOCK_N, num_warps, num_stages); the interpreter and force_blocks() as attention
+_KEY = ["HEAD_DIM", "HEAD_DIM_V", "SIGN", "MASK_UPPER"]
+tuning(_relpos_fwd_kernel, [(64, 64, 4, 2)], _KEY + ["RETURN_LOGITS"])
+tuning(_relpos_bwd_kernel, [(64, 64, 4, 2)], _KEY + ["HAS_DLOGITS"])
 
 
 def _common(q, k, v, qr, kr, offset_sign, mask_upper, precision):
     B, H, n_q, d = q.shape
     n_k, dv = k.shape[2], v.shape[3]
-    bm, bn, warps, stages = _blocks()
     return dict(
         Q=q, K=k, V=v, QR=qr, KR=kr,
         stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qm=q.stride(2), stride_qd=q.stride(3),
@@ -276,9 +279,7 @@ def _common(q, k, v, qr, kr, offset_sign, mask_upper, precision):
         H=H, N_Q=n_q, N_K=n_k, ROW0=(n_k - 1) if offset_sign == 1 else (n_q - 1),
         HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_D=block_dim(d), BLOCK_DV=block_dim(dv),
         CHECK_D=d != block_dim(d), CHECK_DV=dv != block_dim(dv), SIGN=offset_sign, MASK_UPPER=mask_upper,
-        PRECISION="tf32" if (precision == "tf32" and q.dtype == torch.float32) else "ieee",
-        UPCAST=INTERPRET and q.dtype == torch.bfloat16,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_L=triton.next_power_of_2(bm + bn - 1), num_warps=warps, num_stages=stages,
+        **dot_args(_relpos_fwd_kernel, q.dtype, precision),
     )
 
 
@@ -289,10 +290,9 @@ def relpos_attention_fwd(q, k, v, qr, kr, out, lse, logits=None, offset_sign=1, 
     B, H, n_q, _ = q.shape
     args = _common(q, k, v, qr, kr, offset_sign, mask_upper, precision)
     ret = logits is not None
-    num_m = triton.cdiv(n_q, args["BLOCK_M"])
-    _relpos_fwd_kernel[(num_m * B * (1 if ret else H),)](
-        **args, Out=out, Lse=lse, Logits=logits if ret else lse, RETURN_LOGITS=ret,
-        stride_ob=out.stride(0), stride_oh=out.stride(1), stride_om=out.stride(2), stride_od=out.stride(3))
+    launch(_relpos_fwd_kernel, lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]) * B * (1 if ret else H),), dict(
+        args, Out=out, Lse=lse, Logits=logits if ret else lse, RETURN_LOGITS=ret,
+        stride_ob=out.stride(0), stride_oh=out.stride(1), stride_om=out.stride(2), stride_od=out.stride(3)))
     return out, lse, logits
 
 
@@ -303,12 +303,7 @@ def relpos_attention_bwd(do, dlogits, q, k, v, qr, kr, out, lse, dq, dk, dv, off
     B, H, n_q, d = q.shape
     n_k = k.shape[2]
     rows = n_q + n_k - 1
-    delta = torch.empty((B, H, n_q), device=q.device, dtype=torch.float32)
-    block_dv = block_dim(v.shape[3])
-    pre_block = 16 if INTERPRET else 64
-    _attn_bwd_preprocess_kernel[(triton.cdiv(n_q, pre_block) * B * H,)](
-        out, do, lse, delta, *out.stride(), *do.stride(), *lse.stride(), H, n_q,
-        HEAD_DIM_V=v.shape[3], BLOCK_DV=block_dv, HAS_DLSE=False, BLOCK_M=pre_block)
+    delta = backward_delta(out, do)
     args = _common(q, k, v, qr, kr, offset_sign, mask_upper, precision)
     bd = args["BLOCK_D"]
     dq_acc = torch.zeros((B, H, n_q, bd), device=q.device, dtype=torch.float32)
@@ -317,13 +312,18 @@ def relpos_attention_bwd(do, dlogits, q, k, v, qr, kr, out, lse, dq, dk, dv, off
     has_g = dlogits is not None
     g = dlogits if has_g else lse
     gs = dlogits.stride() if has_g else (0, 0, 0)
-    _relpos_bwd_kernel[(B * H,)](
-        **args, DO=do, Lse=lse, Delta=delta, DLogits=g, DQ=dq_acc, DK=dk, DV=dv, DQR=dqr_acc, DKR=dkr_acc,
+    launch(_relpos_bwd_kernel, lambda meta: (B * H,), dict(
+        args, DO=do, Lse=lse, Delta=delta, DLogits=g, DQ=dq_acc, DK=dk, DV=dv, DQR=dqr_acc, DKR=dkr_acc,
         stride_dob=do.stride(0), stride_doh=do.stride(1), stride_dom=do.stride(2), stride_dod=do.stride(3),
         stride_dkb=dk.stride(0), stride_dkh=dk.stride(1), stride_dkn=dk.stride(2), stride_dkd=dk.stride(3),
         stride_dvb=dv.stride(0), stride_dvh=dv.stride(1), stride_dvn=dv.stride(2), stride_dvd=dv.stride(3),
-        stride_glb=gs[0], stride_glm=gs[1], stride_gln=gs[2], HAS_DLOGITS=has_g)
+        stride_glb=gs[0], stride_glm=gs[1], stride_gln=gs[2], HAS_DLOGITS=has_g))
     # the tables are shared by the batch: sum the per-(batch, head) partials in batch order (deterministic)
     dqr = dqr_acc[..., :d].sum(0).transpose(0, 1)
     dkr = dkr_acc[..., :d].sum(0).transpose(0, 1)
     return dq_acc[..., :d], dqr, dkr
+
+
+def interpreted():
+    """True when these kernels run in Triton's CPU interpreter (decided when they were created)."""
+    return common_interpreted(_relpos_fwd_kernel)

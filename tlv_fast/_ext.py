@@ -17,8 +17,15 @@ import torch
 
 # tlv_fast/csrc -> ../csrc in the source tree; package data when installed
 CSRC = Path(__file__).resolve().parent / "csrc"
-_SOURCES = {"cpu": ["sinkhorn.cpp"], "cuda": ["cuda/sinkhorn.cu", "cuda/sinkhorn_cuda.cpp"]}
 _loaded = set()
+
+
+def sources(kind):
+    """The extension's sources, found on disk: every csrc/*.cpp for "cpu" (schemas and CPU kernels), every
+    csrc/cuda/*.cu and csrc/cuda/*.cpp for "cuda" (kernels and their bindings). A new op's files join by existing."""
+    if kind == "cpu":
+        return sorted(CSRC.glob("*.cpp"))
+    return sorted((CSRC / "cuda").glob("*.cu")) + sorted((CSRC / "cuda").glob("*.cpp"))
 
 
 def _cpu_flags():
@@ -26,7 +33,8 @@ def _cpu_flags():
     flags = ["-O3", "-fopenmp", "-fno-trapping-math"]
     if platform.machine() in ("x86_64", "AMD64"):
         try:
-            cpu = open("/proc/cpuinfo").read()
+            with open("/proc/cpuinfo") as f:
+                cpu = f.read()
         except OSError:
             cpu = ""
         if " avx2 " in cpu and " fma " in cpu:
@@ -63,9 +71,9 @@ def _ninja_from_package():
 
 
 def build_dir(kind):
-    sources = [CSRC / s for s in _SOURCES[kind]] + sorted(CSRC.rglob("*.h"))
     h = hashlib.sha256()
-    for path in sources:
+    for path in sources(kind) + sorted(CSRC.rglob("*.h")):
+        h.update(path.name.encode())
         h.update(path.read_bytes())
     h.update(" ".join(_cpu_flags()).encode())
     h.update(f"{torch.__version__} {sys.version_info[:2]} {torch.version.cuda}".encode())
@@ -96,7 +104,7 @@ def load(kind="cpu"):
             print(f"tlv_fast: compiling the {kind} extension (first use; cached in {directory})", file=sys.stderr,
                   flush=True)
         cpp_extension.load(
-            name=name, sources=[str(CSRC / s) for s in _SOURCES[kind]], build_directory=str(directory),
+            name=name, sources=[str(p) for p in sources(kind)], build_directory=str(directory),
             extra_cflags=_cpu_flags(), extra_cuda_cflags=["-O3", "-std=c++17"], is_python_module=False,
             verbose=os.environ.get("TLV_FAST_VERBOSE_BUILD") == "1")
     _loaded.add(kind)

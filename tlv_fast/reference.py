@@ -1,11 +1,16 @@
 """The one eager implementation of every tlv_fast op: test oracle, ``backend="reference"`` and the ``eager``
 benchmark provider. Plain PyTorch, readable over fast; it materialises whatever the math needs (N x N scores).
 
-Only torch is imported here (tests/test_layout.py checks it).
+Only torch, and tlv_fast.formulas (which imports only torch), are imported here (tests/test_layout.py checks it).
 """
 import math
 
 import torch
+
+from tlv_fast.formulas import add_dustbins, dustbin_marginals, relpos_rows
+
+__all__ = ["attention", "sinkhorn", "optimal_transport", "relpos_attention", "add_dustbins", "dustbin_marginals",
+           "relpos_rows"]
 
 
 def attention(q, k, v, attn_mask=None, dropout_p=0.0, causal=None, scale=None, return_lse=False,
@@ -98,38 +103,15 @@ def sinkhorn(scores, log_mu, log_nu, iters=10, order="col_first"):
     return scores + u[..., :, None] + v[..., None, :]
 
 
-def dustbin_marginals(m, n, dtype=torch.float32, device=None):
-    """log marginals of the dustbin problem (SuperGlue, STTR): each of m rows / n columns carries 1/(m+n), the row
-    dustbin n/(m+n), the column dustbin m/(m+n). Returns (log_mu (m+1), log_nu (n+1))."""
-    norm = -math.log(m + n)
-    log_mu = torch.full((m + 1,), norm, dtype=dtype, device=device)
-    log_nu = torch.full((n + 1,), norm, dtype=dtype, device=device)
-    log_mu[-1] += math.log(n)
-    log_nu[-1] += math.log(m)
-    return log_mu, log_nu
-
-
 def optimal_transport(attn, phi, iters=10, order="col_first"):
     """STTR's optimal-transport head: append a dustbin row and column filled with the scalar `phi`, run `iters`
     log-domain Sinkhorn iterations with dustbin marginals, return the transport plan scaled so that every real row
     sums to 1: T = exp(log plan + log(M + N)), shape (..., M+1, N+1). Masked scores are -inf (T = 0 there)."""
     *batch, m, n = attn.shape
-    phi = phi.to(attn.dtype)
-    bins_col = phi.expand(*batch, m, 1)
-    bins_row = phi.expand(*batch, 1, n + 1)
-    scores = torch.cat([torch.cat([attn, bins_col], -1), bins_row], -2)
+    scores = add_dustbins(attn, phi)
     log_mu, log_nu = dustbin_marginals(m, n, attn.dtype, attn.device)
     log_plan = sinkhorn(scores, log_mu.expand(*batch, m + 1), log_nu.expand(*batch, n + 1), iters, order)
     return torch.exp(log_plan + math.log(m + n))
-
-
-def relpos_rows(n_q, n_k, offset_sign, device=None):
-    """(Nq, Nk) table row used by query i and key j in relative-position attention: the offset
-    delta = offset_sign * (i - j) shifted to start at 0, i.e. row = delta + (Nk - 1) for offset_sign = +1 and
-    row = delta + (Nq - 1) for offset_sign = -1; rows run over Nq + Nk - 1 offsets in ascending order."""
-    i = torch.arange(n_q, device=device)[:, None]
-    j = torch.arange(n_k, device=device)[None, :]
-    return (i - j) + (n_k - 1) if offset_sign == 1 else (j - i) + (n_q - 1)
 
 
 def relpos_attention(q, k, v, qr, kr, offset_sign=1, mask_upper=False, return_logits=False):

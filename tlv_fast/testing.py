@@ -1,7 +1,38 @@
-"""Testing hooks: see inside the kernels' randomness so tests can compare against the reference exactly."""
+"""Testing hooks: see inside the kernels' randomness, and poison kernel outputs, so tests can catch what a kernel
+leaves unwritten or draws differently from the reference. The ops call the two small hooks below; this module imports
+nothing of tlv_fast at import time."""
 import contextlib
+import os
 
-from .ops.attention import _kernels, _seed_recorders
+_seed_recorders = []  # lists that record_dropout_seeds() hands out; the attention op appends each seed it draws
+_poison = []          # stack of poison_outputs() settings; empty: the environment variable TLV_FAST_POISON decides
+
+
+def poison_enabled():
+    """True when kernel outputs are to be filled with NaN before the kernel writes them (read at each call)."""
+    return _poison[-1] if _poison else os.environ.get("TLV_FAST_POISON", "0") == "1"
+
+
+def poison(t):
+    """Fill `t` with NaN when poisoning is on (an output element a kernel forgets then fails a test); return t."""
+    return t.fill_(float("nan")) if poison_enabled() and t.is_floating_point() else t
+
+
+@contextlib.contextmanager
+def poison_outputs(enabled=True):
+    """Within the block, kernel outputs start as NaN (enabled=True) or uninitialised (False), whatever
+    TLV_FAST_POISON says."""
+    _poison.append(bool(enabled))
+    try:
+        yield
+    finally:
+        _poison.pop()
+
+
+def record_seed(seed):
+    """Called by the ops with every dropout seed tensor they draw."""
+    for rec in _seed_recorders:
+        rec.append(seed)
 
 
 @contextlib.contextmanager
@@ -25,4 +56,5 @@ def dropout_keep_mask(seed, batch, heads, n_q, n_k, dropout_p):
 
     Pass it as ``dropout_mask`` to ``tlv_fast.reference.attention`` to reproduce the kernel's dropout exactly.
     """
-    return _kernels().dropout_keep_mask(seed, batch, heads, n_q, n_k, dropout_p)
+    from .kernels import attention as kernels
+    return kernels.dropout_keep_mask(seed, batch, heads, n_q, n_k, dropout_p)

@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <mutex>
 
 #include "sinkhorn.h"
 
@@ -445,13 +446,30 @@ struct DeviceLimits {
   int smem_optin = 0, major = 0;
 };
 
+// queried once per device (an attribute query per launch costs microseconds of host time)
 DeviceLimits limits() {
-  DeviceLimits d;
+  constexpr int kMaxDevices = 64;
+  static DeviceLimits cache[kMaxDevices];
+  static std::once_flag once[kMaxDevices];
   int dev = 0;
   cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-  cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, dev);
-  return d;
+  if (dev < 0 || dev >= kMaxDevices) dev = 0;
+  std::call_once(once[dev], [dev] {
+    cudaDeviceGetAttribute(&cache[dev].smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+    cudaDeviceGetAttribute(&cache[dev].major, cudaDevAttrComputeCapabilityMajor, dev);
+  });
+  return cache[dev];
+}
+
+// the one switch from the runtime dtype to the element type: f(T{}) with T = __half, __nv_bfloat16, float, double
+template <typename F>
+cudaError_t dispatch_dtype(Dtype dtype, F&& f) {
+  switch (dtype) {
+    case Dtype::kFloat16: return f(__half{});
+    case Dtype::kBFloat16: return f(__nv_bfloat16{});
+    case Dtype::kFloat32: return f(float{});
+    default: return f(double{});
+  }
 }
 
 size_t elt_size(Dtype d) {
@@ -537,32 +555,19 @@ cudaError_t backward_t(const SinkhornProblem& p, const void* grad, int64_t g0, i
 
 cudaError_t sinkhorn_forward(const SinkhornProblem& p, void* out, void* us, void* vs, cudaStream_t stream,
                              LaunchInfo* info) {
-  switch (p.dtype) {
-    case Dtype::kFloat16: return forward_t<__half>(p, out, us, vs, stream, info);
-    case Dtype::kBFloat16: return forward_t<__nv_bfloat16>(p, out, us, vs, stream, info);
-    case Dtype::kFloat32: return forward_t<float>(p, out, us, vs, stream, info);
-    default: return forward_t<double>(p, out, us, vs, stream, info);
-  }
+  return dispatch_dtype(p.dtype, [&](auto tag) {
+    return forward_t<decltype(tag)>(p, out, us, vs, stream, info);
+  });
 }
 
 cudaError_t sinkhorn_backward(const SinkhornProblem& p, const void* grad, int64_t g0, int64_t g1, int64_t g2,
                               const void* out, const void* us, const void* vs, void* d_scores, void* d_mu,
                               void* d_nu, void* d_bin_partial, void* scratch, cudaStream_t stream,
                               LaunchInfo* info) {
-  switch (p.dtype) {
-    case Dtype::kFloat16:
-      return backward_t<__half>(p, grad, g0, g1, g2, out, us, vs, d_scores, d_mu, d_nu, d_bin_partial, scratch,
-                                stream, info);
-    case Dtype::kBFloat16:
-      return backward_t<__nv_bfloat16>(p, grad, g0, g1, g2, out, us, vs, d_scores, d_mu, d_nu, d_bin_partial,
-                                       scratch, stream, info);
-    case Dtype::kFloat32:
-      return backward_t<float>(p, grad, g0, g1, g2, out, us, vs, d_scores, d_mu, d_nu, d_bin_partial, scratch,
-                               stream, info);
-    default:
-      return backward_t<double>(p, grad, g0, g1, g2, out, us, vs, d_scores, d_mu, d_nu, d_bin_partial, scratch,
-                                stream, info);
-  }
+  return dispatch_dtype(p.dtype, [&](auto tag) {
+    return backward_t<decltype(tag)>(p, grad, g0, g1, g2, out, us, vs, d_scores, d_mu, d_nu, d_bin_partial, scratch,
+                                     stream, info);
+  });
 }
 
 }  // namespace cuda

@@ -1,5 +1,5 @@
-// CUDA dispatch of tlv_fast::sinkhorn_fwd / sinkhorn_bwd (schemas in ../sinkhorn.cpp): tensor checks, allocation,
-// then the raw-pointer launchers of sinkhorn.cu on the current stream.
+// CUDA dispatch of tlv_fast::sinkhorn_fwd / sinkhorn_bwd (schemas in ../schemas.cpp): the tensor checks shared with
+// the CPU path (../checks.h), allocation, then the raw-pointer launchers of sinkhorn.cu on the current stream.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -8,6 +8,7 @@
 
 #include <optional>
 
+#include "../checks.h"
 #include "sinkhorn.h"
 
 namespace tlv_fast {
@@ -26,19 +27,7 @@ cuda::Dtype to_dtype(at::ScalarType t) {
 cuda::SinkhornProblem make_problem(const at::Tensor& scores, const at::Tensor& log_mu, const at::Tensor& log_nu,
                                    const std::optional<at::Tensor>& bin_score, int64_t iters, bool col_first,
                                    std::optional<double> exp_log_scale) {
-  TORCH_CHECK(scores.dim() == 3, "sinkhorn: scores must be (B, M, N), got ", scores.sizes());
-  const int64_t bins = bin_score.has_value() ? 1 : 0;
-  const auto acc = at::toOpMathType(scores.scalar_type());
-  TORCH_CHECK(log_mu.dim() == 2 && log_mu.size(0) == scores.size(0) && log_mu.size(1) == scores.size(1) + bins,
-              "sinkhorn: log_mu must be (B, M", bins ? " + 1" : "", "), got ", log_mu.sizes());
-  TORCH_CHECK(log_nu.dim() == 2 && log_nu.size(0) == scores.size(0) && log_nu.size(1) == scores.size(2) + bins,
-              "sinkhorn: log_nu must be (B, N", bins ? " + 1" : "", "), got ", log_nu.sizes());
-  TORCH_CHECK(log_mu.scalar_type() == acc && log_nu.scalar_type() == acc, "sinkhorn: log_mu and log_nu must be ",
-              acc, " for ", scores.scalar_type(), " scores");
-  TORCH_CHECK(log_mu.is_cuda() && log_nu.is_cuda() && log_mu.device() == scores.device() &&
-                  log_nu.device() == scores.device(), "sinkhorn: log_mu and log_nu must be on the scores' device");
-  TORCH_CHECK(iters >= 1, "sinkhorn: iters must be >= 1, got ", iters);
-  TORCH_CHECK(scores.size(1) + bins <= (1 << 30) && scores.size(2) + bins <= (1 << 30), "sinkhorn: M, N too large");
+  check_sinkhorn(scores, log_mu, log_nu, bin_score, iters);
   cuda::SinkhornProblem p{};
   p.dtype = to_dtype(scores.scalar_type());
   p.scores = scores.data_ptr();
@@ -46,11 +35,7 @@ cuda::SinkhornProblem make_problem(const at::Tensor& scores, const at::Tensor& l
   p.log_mu = log_mu.data_ptr(); p.mu0 = log_mu.stride(0); p.mu1 = log_mu.stride(1);
   p.log_nu = log_nu.data_ptr(); p.nu0 = log_nu.stride(0); p.nu1 = log_nu.stride(1);
   p.bin = nullptr;
-  if (bins) {
-    TORCH_CHECK(bin_score->numel() == 1 && bin_score->scalar_type() == acc && bin_score->device() == scores.device(),
-                "sinkhorn: bin_score must be a one-element ", acc, " tensor on the scores' device");
-    p.bin = bin_score->data_ptr();
-  }
+  if (bin_score.has_value()) p.bin = bin_score->data_ptr();
   p.B = scores.size(0); p.M = scores.size(1); p.N = scores.size(2);
   p.iters = static_cast<int>(iters);
   p.col_first = col_first;
@@ -86,8 +71,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_bwd_cuda(
   const auto bin = bin_score.has_value() ? std::optional<at::Tensor>(bin_score->contiguous()) : std::nullopt;
   const int64_t iters = us.size(1) - 1;
   const auto p = make_problem(scores, log_mu, log_nu, bin, iters, col_first, exp_log_scale);
-  TORCH_CHECK(grad.sizes() == out.sizes() && grad.scalar_type() == scores.scalar_type(),
-              "sinkhorn backward: grad must match the output");
+  check_sinkhorn_grad(grad, scores, out, us, vs);
   const int64_t bins = bin.has_value() ? 1 : 0, Ma = p.M + bins, Na = p.N + bins;
   const auto acc = scores.options().dtype(at::toOpMathType(scores.scalar_type()));
   auto d_scores = at::empty({p.B, p.M, p.N}, scores.options());

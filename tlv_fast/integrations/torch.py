@@ -1,12 +1,12 @@
 """Drop tlv_fast into existing PyTorch code: module swapping and an F.scaled_dot_product_attention override."""
 import contextlib
-import warnings
 
 import torch.nn.functional as F
 from torch import nn
 
+from .. import backends
 from ..nn import MultiheadAttention
-from ..ops import scaled_dot_product_attention
+from ..ops import sdpa
 
 
 def _keep_swapped_attention(module, args):
@@ -22,6 +22,7 @@ def patch(model, backend="auto"):
     nn.TransformerEncoder's nested-tensor fast path is turned off (use_nested_tensor = False): tlv_fast reads the
     key-padding mask in the kernel instead, and the swapped attention must not be bypassed.
     """
+    backend = backends.validate(backend, ops=("attention",), where="tlv_fast.patch: backend")
     if type(model) is nn.MultiheadAttention:
         new = MultiheadAttention.from_torch(model, backend)
         new.register_forward_pre_hook(_keep_swapped_attention)
@@ -37,31 +38,28 @@ def patch(model, backend="auto"):
     return model
 
 
-_warned = set()
-
-
 @contextlib.contextmanager
 def sdpa_override(backend="auto"):
     """Within the block, calls of torch.nn.functional.scaled_dot_product_attention (as timm and nanoGPT-style code
-    make them, looked up at call time) run tlv_fast.scaled_dot_product_attention. A call tlv_fast does not support
-    (e.g. query/key/value batch dims that differ but broadcast) falls back to torch's with one warning per kind of
-    call. Code that bound the function at import (`from torch.nn.functional import scaled_dot_product_attention`)
-    is not affected."""
+    make them, looked up at call time) run tlv_fast.scaled_dot_product_attention. A call whose arguments tlv_fast
+    does not accept (e.g. query/key/value batch dims that differ but broadcast) or that no backend declares it can
+    run falls back to torch's, with one warning per kind of call; an error raised while tlv_fast runs a call it
+    accepted propagates. Code that bound the function at import (`from torch.nn.functional import
+    scaled_dot_product_attention`) is not affected."""
+    backend = backends.validate(backend, ops=("attention",), where="tlv_fast.sdpa_override: backend")
     original = F.scaled_dot_product_attention
 
     def routed(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         try:
-            return scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
-                                                is_causal=is_causal, scale=scale, enable_gqa=enable_gqa,
-                                                backend=backend)
-        except (ValueError, RuntimeError) as e:
+            call = sdpa.plan(query, key, value, attn_mask, dropout_p, "top_left" if is_causal else "none", scale,
+                             enable_gqa, False, backend, "ieee", "scaled_dot_product_attention")
+        except (ValueError, TypeError, RuntimeError) as e:  # not accepted, or no declared backend runs it
             reason = str(e).split(",")[0][:120]
-            if reason not in _warned:
-                _warned.add(reason)
-                warnings.warn(f"tlv_fast.sdpa_override: falling back to torch's scaled_dot_product_attention "
-                              f"({reason})", RuntimeWarning, stacklevel=2)
+            backends.warn_once(("sdpa_override", reason), "tlv_fast.sdpa_override: falling back to torch's "
+                               f"scaled_dot_product_attention ({reason})")
             return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                             scale=scale, enable_gqa=enable_gqa)
+        return sdpa.run(call)
 
     F.scaled_dot_product_attention = routed
     try:

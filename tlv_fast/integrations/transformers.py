@@ -13,9 +13,11 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from .. import backends
 from ..ops import scaled_dot_product_attention
 
 NAME = "tlv_fast"
+_backend = ["auto"]  # the backend register() was given
 
 
 def tlv_fast_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
@@ -38,12 +40,14 @@ def tlv_fast_attention_forward(module, query, key, value, attention_mask, dropou
         else:
             attention_mask = position_bias + attention_mask
     out = scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
-                                       is_causal=is_causal, enable_gqa=gqa)
+                                       is_causal=is_causal, enable_gqa=gqa, backend=_backend[0])
     return out.transpose(1, 2).contiguous(), None
 
 
-def register():
-    """Register (idempotently) the "tlv_fast" attention and mask functions with transformers."""
+def register(backend="auto"):
+    """Register (idempotently) the "tlv_fast" attention and mask functions with transformers; `backend` (see
+    tlv_fast.backends) applies to every model using attn_implementation="tlv_fast" from then on."""
+    _backend[0] = backends.validate(backend, ops=("attention",), where="tlv_fast.register_hf: backend")
     AttentionInterface.register(NAME, tlv_fast_attention_forward)
     AttentionMaskInterface.register(NAME, sdpa_mask)
     return NAME

@@ -1,40 +1,70 @@
 """BERT: token + position + segment embeddings, post-norm encoder with key-padding masks, pooler, masked-LM head
 (tied to the word embeddings), next-sentence head, and a [CLS] sequence-classification head."""
 import dataclasses
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..nn.block import MLP, Block, SelfAttention, gelu, init_weights
-from .configs import (
-    Presets, BERT_PRESETS, BERTConfig, bert_config_from_hf, bert_from_hf_state_dict, bert_hf_config,
-    bert_to_hf_state_dict, hf_source)
+from .common import Presets, build_config, check_backend, renamed_fields
+from .hf import bert_config_from_hf, bert_from_hf_state_dict, bert_hf_config, bert_to_hf_state_dict, hf_source
+
+
+@renamed_fields(n_layer="num_layers", n_head="num_heads")
+@dataclasses.dataclass
+class BERTConfig:
+    vocab_size: int = 30522
+    max_positions: int = 512
+    type_vocab_size: int = 2
+    dim: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    mlp_hidden: int = 3072
+    dropout: float = 0.1
+    eps: float = 1e-12
+    pretraining_heads: bool = True  # masked-LM + next-sentence heads
+    num_labels: int = 0             # > 0: a sequence-classification head on [CLS]
+    backend: object = "auto"        # see tlv_fast.backends
+
+    def __post_init__(self):
+        check_backend(self, ("attention",))
+
+
+BERT_PRESETS = {
+    "bert-base": dict(num_layers=12, dim=768, num_heads=12, mlp_hidden=3072),
+    "bert-large": dict(num_layers=24, dim=1024, num_heads=16, mlp_hidden=4096),
+    "tiny": dict(vocab_size=256, max_positions=128, num_layers=2, dim=64, num_heads=4, mlp_hidden=256),
+}
 
 
 class BERT(Presets, nn.Module):
+    """BERT. ``device`` / ``dtype`` build the parameters there directly (``device="meta"`` allocates nothing)."""
     PRESETS, CONFIG = BERT_PRESETS, BERTConfig
 
-    def __init__(self, config: BERTConfig):
+    def __init__(self, config: BERTConfig, device=None, dtype=None):
         super().__init__()
         c = self.config = config
-        self.word_embeddings = nn.Embedding(c.vocab_size, c.dim)
-        self.position_embeddings = nn.Embedding(c.max_positions, c.dim)
-        self.token_type_embeddings = nn.Embedding(c.type_vocab_size, c.dim)
-        self.emb_norm = nn.LayerNorm(c.dim, eps=c.eps)
+        kw = dict(device=device, dtype=dtype)
+        self.word_embeddings = nn.Embedding(c.vocab_size, c.dim, **kw)
+        self.position_embeddings = nn.Embedding(c.max_positions, c.dim, **kw)
+        self.token_type_embeddings = nn.Embedding(c.type_vocab_size, c.dim, **kw)
+        self.emb_norm = nn.LayerNorm(c.dim, eps=c.eps, **kw)
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(
-            Block(c.dim, SelfAttention(c.dim, c.n_head, dropout=c.dropout, backend=c.backend),
-                  MLP(c.dim, c.mlp_hidden), norm_first=False, eps=c.eps, dropout=c.dropout)
-            for _ in range(c.n_layer))
-        self.pooler = nn.Linear(c.dim, c.dim)
+            Block(c.dim, partial(SelfAttention, num_heads=c.num_heads, dropout=c.dropout, backend=c.backend, **kw),
+                  partial(MLP, hidden=c.mlp_hidden, **kw), partial(nn.LayerNorm, eps=c.eps, **kw),
+                  norm_first=False, dropout=c.dropout)
+            for _ in range(c.num_layers))
+        self.pooler = nn.Linear(c.dim, c.dim, **kw)
         if c.pretraining_heads:
-            self.mlm_transform = nn.Linear(c.dim, c.dim)
-            self.mlm_norm = nn.LayerNorm(c.dim, eps=c.eps)
-            self.mlm_bias = nn.Parameter(torch.zeros(c.vocab_size))
-            self.nsp = nn.Linear(c.dim, 2)
+            self.mlm_transform = nn.Linear(c.dim, c.dim, **kw)
+            self.mlm_norm = nn.LayerNorm(c.dim, eps=c.eps, **kw)
+            self.mlm_bias = nn.Parameter(torch.zeros(c.vocab_size, **kw))
+            self.nsp = nn.Linear(c.dim, 2, **kw)
         if c.num_labels:
-            self.classifier = nn.Linear(c.dim, c.num_labels)
+            self.classifier = nn.Linear(c.dim, c.num_labels, **kw)
         init_weights(self)
 
     @classmethod
@@ -44,8 +74,8 @@ class BERT(Presets, nn.Module):
         hf_config, sd = hf_source(model_or_path)
         sd = bert_from_hf_state_dict(sd)
         num_labels = sd["classifier.weight"].shape[0] if "classifier.weight" in sd else 0
-        config = bert_config_from_hf(hf_config, "mlm_bias" in sd, num_labels)
-        model = cls(dataclasses.replace(config, **overrides))
+        fields = bert_config_from_hf(hf_config, "mlm_bias" in sd, num_labels)
+        model = cls(build_config(BERTConfig, fields, overrides))
         model.load_state_dict(sd, strict=True)
         return model
 

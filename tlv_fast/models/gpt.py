@@ -1,30 +1,60 @@
 """GPT (GPT-2 architecture): learned positions, causal pre-norm decoder, tied LM head, KV-cache generation."""
 import dataclasses
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..nn.block import MLP, Block, SelfAttention, init_weights
-from .configs import (
-    Presets, GPT_PRESETS, GPTConfig, gpt_config_from_hf, gpt_from_hf_state_dict, gpt_hf_config, gpt_to_hf_state_dict,
-    hf_source)
+from .common import Presets, build_config, check_backend, renamed_fields
+from .hf import gpt_config_from_hf, gpt_from_hf_state_dict, gpt_hf_config, gpt_to_hf_state_dict, hf_source
+
+
+@renamed_fields(n_layer="num_layers", n_head="num_heads", n_positions="max_positions")
+@dataclasses.dataclass
+class GPTConfig:
+    vocab_size: int = 50257
+    max_positions: int = 1024
+    dim: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    mlp_hidden: int = 3072
+    dropout: float = 0.1
+    eps: float = 1e-5
+    backend: object = "auto"  # see tlv_fast.backends
+
+    def __post_init__(self):
+        check_backend(self, ("attention",))
+
+
+GPT_PRESETS = {  # GPT-2 paper, Table 2: parameters / layers / width
+    "gpt2-117m": dict(num_layers=12, dim=768, num_heads=12, mlp_hidden=3072),
+    "gpt2-345m": dict(num_layers=24, dim=1024, num_heads=16, mlp_hidden=4096),
+    "gpt2-762m": dict(num_layers=36, dim=1280, num_heads=20, mlp_hidden=5120),
+    "gpt2-1542m": dict(num_layers=48, dim=1600, num_heads=25, mlp_hidden=6400),
+    "tiny": dict(vocab_size=256, max_positions=128, num_layers=2, dim=64, num_heads=4, mlp_hidden=256),
+}
 
 
 class GPT(Presets, nn.Module):
+    """GPT-2. ``device`` / ``dtype`` build the parameters there directly (``device="meta"`` allocates nothing)."""
     PRESETS, CONFIG = GPT_PRESETS, GPTConfig
 
-    def __init__(self, config: GPTConfig):
+    def __init__(self, config: GPTConfig, device=None, dtype=None):
         super().__init__()
         c = self.config = config
-        self.wte = nn.Embedding(c.vocab_size, c.dim)
-        self.wpe = nn.Embedding(c.n_positions, c.dim)
+        kw = dict(device=device, dtype=dtype)
+        self.wte = nn.Embedding(c.vocab_size, c.dim, **kw)
+        self.wpe = nn.Embedding(c.max_positions, c.dim, **kw)
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(
-            Block(c.dim, SelfAttention(c.dim, c.n_head, causal=True, dropout=c.dropout, backend=c.backend),
-                  MLP(c.dim, c.mlp_hidden, approximate="tanh"), norm_first=True, eps=c.eps, dropout=c.dropout)
-            for _ in range(c.n_layer))
-        self.ln_f = nn.LayerNorm(c.dim, eps=c.eps)
+            Block(c.dim, partial(SelfAttention, num_heads=c.num_heads, causal=True, dropout=c.dropout,
+                                 backend=c.backend, **kw),
+                  partial(MLP, hidden=c.mlp_hidden, approximate="tanh", **kw),
+                  partial(nn.LayerNorm, eps=c.eps, **kw), norm_first=True, dropout=c.dropout)
+            for _ in range(c.num_layers))
+        self.ln_f = nn.LayerNorm(c.dim, eps=c.eps, **kw)
         init_weights(self)
 
     # ---- construction -------------------------------------------------------------------------------------------
@@ -32,7 +62,7 @@ class GPT(Presets, nn.Module):
     def from_hf(cls, model_or_path, **overrides):
         """From a transformers GPT2Model / GPT2LMHeadModel, or a local checkpoint directory."""
         hf_config, sd = hf_source(model_or_path)
-        model = cls(dataclasses.replace(gpt_config_from_hf(hf_config), **overrides))
+        model = cls(build_config(GPTConfig, gpt_config_from_hf(hf_config), overrides))
         model.load_state_dict(gpt_from_hf_state_dict(sd), strict=True)
         return model
 
@@ -53,8 +83,8 @@ class GPT(Presets, nn.Module):
         past = cache[0]["k"].shape[2] if cache and "k" in cache[0] else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + N, device=input_ids.device)[None]
-        if past + N > self.config.n_positions:
-            raise ValueError(f"sequence of {past + N} tokens exceeds n_positions = {self.config.n_positions}")
+        if past + N > self.config.max_positions:
+            raise ValueError(f"sequence of {past + N} tokens exceeds max_positions = {self.config.max_positions}")
         x = self.drop(self.wte(input_ids) + self.wpe(position_ids))
         keys = attention_mask.bool() if attention_mask is not None else None
         for i, block in enumerate(self.blocks):

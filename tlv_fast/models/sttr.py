@@ -1,17 +1,72 @@
 """STTR, the stereo transformer (Li et al., "Revisiting Stereo Depth Estimation From a Sequence-to-Sequence
 Perspective with Transformers", ICCV 2021), on tlv_fast's fused relative-position attention and Sinkhorn."""
+import contextlib
+import dataclasses
 import pickle
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .. import backends
 from ..nn import RelativeMultiheadAttention
-from .configs import Presets, STTR_PRESETS, STTRConfig, sttr_from_published_state_dict
+from .common import Presets, check_backend, renamed_fields
+from .sttr_checkpoint import sttr_from_published_state_dict
 from .sttr_features import Backbone, Tokenizer, WNConv2d
 from .sttr_head import RegressionHead
 
-_ATTN_BACKEND = {"auto": "auto", "reference": "reference", "fused": "triton"}
+
+@renamed_fields(hidden_dim="dim")
+@dataclasses.dataclass
+class STTRConfig:
+    """STTR (Li et al., ICCV 2021). Defaults are the paper's and the published checkpoint's: 128 channels, 8 heads,
+    6 self/cross layers, attention stride 3, optimal transport with 10 Sinkhorn iterations, a context adjustment
+    layer of 8 blocks (16 features, expansion 4).
+
+    parity: reproduce the published code where it departs from the paper (docs/sttr.md, "Where the published code
+        departs from the paper"): the raw occlusion is 0 and the window is not renormalised where its mass is
+        < min_window_mass (or where a passed ground-truth occlusion is true); one token is W / W' pixels wide rather
+        than the stride; the relative-response target omits the half-stride offset. Batch > 1 is correct in both
+        modes.
+    gradient_checkpointing: recompute every attention layer in backward (training only), as published.
+    backend: see tlv_fast.backends: "auto", "reference" (eager everything), or a mapping per op, e.g.
+        {"relpos_attention": "triton", "optimal_transport": "native"} for the compiled kernels only (raising if one
+        cannot run). A single compiled name must be implemented by both ops (checked here).
+    """
+    dim: int = 128
+    num_heads: int = 8
+    num_layers: int = 6
+    stride: int = 3
+    sinkhorn_iters: int = 10
+    regression: str = "ot"  # or "softmax" (the paper's ablation: a row softmax over the dustbin-augmented scores)
+    cal: bool = True
+    cal_blocks: int = 8
+    cal_feat_dim: int = 16
+    cal_expansion: int = 4
+    min_window_mass: float = 0.1
+    parity: bool = False
+    gradient_checkpointing: bool = True
+    backend: object = "auto"
+
+    def __post_init__(self):
+        if self.dim % self.num_heads or self.dim % 2:
+            raise ValueError(f"STTRConfig: dim ({self.dim}) must be even and divisible by num_heads "
+                             f"({self.num_heads})")
+        if not isinstance(self.stride, int) or self.stride < 1:
+            raise ValueError(f"STTRConfig: stride must be an int >= 1, got {self.stride!r}")
+        if self.regression not in ("ot", "softmax"):
+            raise ValueError(f"STTRConfig: regression must be 'ot' or 'softmax', got {self.regression!r}")
+        if self.num_layers < 1:
+            raise ValueError(f"STTRConfig: num_layers must be >= 1, got {self.num_layers}")
+        check_backend(self, ("relpos_attention", "optimal_transport"))
+
+
+STTR_PRESETS = {
+    "sttr": {},  # the published architecture
+    "small": dict(dim=32, num_heads=4, num_layers=3, cal_blocks=2),  # the CPU demo
+    "tiny": dict(dim=16, num_heads=2, num_layers=2, cal_blocks=1, cal_feat_dim=8, cal_expansion=2),
+}
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -21,7 +76,7 @@ class SelfAttnLayer(nn.Module):
 
     def __init__(self, dim, heads, backend):
         super().__init__()
-        self.self_attn = RelativeMultiheadAttention(dim, heads, backend=_ATTN_BACKEND[backend])
+        self.self_attn = RelativeMultiheadAttention(dim, heads, backend=backends.pick(backend, "relpos_attention"))
         self.norm1 = nn.LayerNorm(dim)
 
     def forward(self, feat, pos_scale):  # feat (2R, W', C): left lines then right lines
@@ -35,7 +90,7 @@ class CrossAttnLayer(nn.Module):
 
     def __init__(self, dim, heads, backend):
         super().__init__()
-        self.cross_attn = RelativeMultiheadAttention(dim, heads, backend=_ATTN_BACKEND[backend])
+        self.cross_attn = RelativeMultiheadAttention(dim, heads, backend=backends.pick(backend, "relpos_attention"))
         self.norm1 = nn.LayerNorm(dim)
         self.norm2 = nn.LayerNorm(dim)
 
@@ -56,10 +111,10 @@ class Transformer(nn.Module):
         super().__init__()
         self.checkpointing = cfg.gradient_checkpointing
         self.self_attn_layers = nn.ModuleList(
-            [SelfAttnLayer(cfg.hidden_dim, cfg.num_heads, cfg.backend) for _ in range(cfg.num_layers)])
+            [SelfAttnLayer(cfg.dim, cfg.num_heads, cfg.backend) for _ in range(cfg.num_layers)])
         self.cross_attn_layers = nn.ModuleList(
-            [CrossAttnLayer(cfg.hidden_dim, cfg.num_heads, cfg.backend) for _ in range(cfg.num_layers)])
-        self.norm = nn.LayerNorm(cfg.hidden_dim)  # unused in forward; kept for the published checkpoint's keys
+            [CrossAttnLayer(cfg.dim, cfg.num_heads, cfg.backend) for _ in range(cfg.num_layers)])
+        self.norm = nn.LayerNorm(cfg.dim)  # unused in forward; kept for the published checkpoint's keys
 
     def _run(self, layer, *args):
         if self.checkpointing and self.training and torch.is_grad_enabled():
@@ -92,14 +147,17 @@ class STTR(Presets, nn.Module):
     """
     PRESETS, CONFIG = STTR_PRESETS, STTRConfig
 
-    def __init__(self, config=None):
+    def __init__(self, config=None, device=None, dtype=None):
         super().__init__()
         self.config = cfg = config or STTRConfig()
-        self.backbone = Backbone()
-        self.tokenizer = Tokenizer(cfg.hidden_dim)
-        self.transformer = Transformer(cfg)
-        self.regression_head = RegressionHead(cfg)
-        self.reset_parameters()
+        with torch.device(device) if device is not None else contextlib.nullcontext():  # factories build there
+            self.backbone = Backbone()
+            self.tokenizer = Tokenizer(cfg.dim)
+            self.transformer = Transformer(cfg)
+            self.regression_head = RegressionHead(cfg)
+            self.reset_parameters()
+        if dtype is not None:
+            self.to(dtype)
 
     def reset_parameters(self):
         """The published initialisation: Kaiming-normal (fan_out) convolutions with zero biases, unit norms;
@@ -144,7 +202,7 @@ class STTR(Presets, nn.Module):
 
         tokens = self.tokenizer(self.backbone(torch.cat([left, right])))  # (2B, C, H, W)
         tokens = tokens.index_select(2, rows).index_select(3, cols)  # (2B, C, H', W')
-        feat = tokens.permute(0, 2, 3, 1).reshape(2 * B * h, w, cfg.hidden_dim)  # lines: left (b, y), then right
+        feat = tokens.permute(0, 2, 3, 1).reshape(2 * B * h, w, cfg.dim)  # lines: left (b, y), then right
         logits = self.transformer(feat, scale).view(B, h, w, w)
 
         occ_tokens = None
@@ -176,7 +234,7 @@ class STTR(Presets, nn.Module):
                                    "the file, pass weights_only=False") from e
         cfg = config or STTRConfig(parity=True)
         if overrides:
-            cfg = STTRConfig(**{**cfg.__dict__, **overrides})
+            cfg = dataclasses.replace(cfg, **overrides)
         model = cls(cfg)
         sd = sttr_from_published_state_dict(checkpoint)
         missing, unexpected = model.load_state_dict(sd, strict=False)

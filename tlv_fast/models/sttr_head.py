@@ -3,10 +3,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import backends
+from ..formulas import add_dustbins
 from ..ops import optimal_transport
 from .sttr_features import ContextAdjustment
-
-_OT_BACKEND = {"auto": "auto", "reference": "reference", "fused": "cuda"}
 
 
 def window_regression(plan, occ_tokens=None, parity=False, min_mass=0.1):
@@ -49,11 +49,9 @@ class RegressionHead(nn.Module):
     def transport(self, logits):
         """(B, H', W', W') head-summed logits (-inf where masked) -> plan (B, H', W'+1, W'+1)."""
         if self.cfg.regression == "ot":
-            return optimal_transport(logits, self.phi, self.cfg.sinkhorn_iters, backend=_OT_BACKEND[self.cfg.backend])
-        *batch, m, n = logits.shape
-        phi = self.phi.to(logits.dtype)
-        scores = torch.cat([torch.cat([logits, phi.expand(*batch, m, 1)], -1), phi.expand(*batch, 1, n + 1)], -2)
-        return torch.softmax(scores, -1)
+            return optimal_transport(logits, self.phi, self.cfg.sinkhorn_iters,
+                                     backend=backends.pick(self.cfg.backend, "optimal_transport"))
+        return torch.softmax(add_dustbins(logits, self.phi), -1)
 
     def forward(self, logits, left, scale, occ_tokens=None):
         """logits (B, H', W', W'); left (B, 3, H, W) the normalised left image; scale = pixels per token."""

@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import backends
 from ..ops import attention
 
 
@@ -17,17 +18,18 @@ class SelfAttention(nn.Module):
     forward(x (B, N, C), key_padding_mask=None (B, N) bool, True = a real token, cache=None) -> (B, N, C).
     `causal` masks future keys (bottom-right aligned, so a decode step with a KV cache of T keys and N new queries
     sees its past). With a `cache` (a dict this module fills: "k", "v" of shape (B, H, T, d)) the new keys and values
-    are appended and attention runs over all of them.
+    are appended and attention runs over all of them. `backend`: see tlv_fast.backends (checked here).
     """
 
-    def __init__(self, dim, num_heads, causal=False, dropout=0.0, bias=True, backend="auto"):
+    def __init__(self, dim, num_heads, causal=False, dropout=0.0, bias=True, backend="auto", device=None,
+                 dtype=None):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim ({dim}) must be divisible by num_heads ({num_heads})")
-        self.num_heads, self.head_dim, self.causal, self.dropout, self.backend = (
-            num_heads, dim // num_heads, causal, dropout, backend)
-        self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
-        self.proj = nn.Linear(dim, dim, bias=bias)
+        self.num_heads, self.head_dim, self.causal, self.dropout = num_heads, dim // num_heads, causal, dropout
+        self.backend = backends.validate(backend, ops=("attention",), where="SelfAttention: backend")
+        self.qkv = nn.Linear(dim, 3 * dim, bias=bias, device=device, dtype=dtype)
+        self.proj = nn.Linear(dim, dim, bias=bias, device=device, dtype=dtype)
 
     def forward(self, x, key_padding_mask=None, cache=None):
         B, N, C = x.shape
@@ -45,10 +47,12 @@ class SelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, dim, hidden, approximate="none", bias=True):
+    """fc2(gelu(fc1(x))), hidden width `hidden`."""
+
+    def __init__(self, dim, hidden, approximate="none", bias=True, device=None, dtype=None):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden, bias=bias)
-        self.fc2 = nn.Linear(hidden, dim, bias=bias)
+        self.fc1 = nn.Linear(dim, hidden, bias=bias, device=device, dtype=dtype)
+        self.fc2 = nn.Linear(hidden, dim, bias=bias, device=device, dtype=dtype)
         self.approximate = approximate
 
     def forward(self, x):
@@ -56,14 +60,19 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """x + mixer(norm(x)), then x + mlp(norm(x)) when norm_first (GPT, ViT); norm(x + mixer(x)), then
-    norm(x + mlp(x)) otherwise (BERT). Dropout on each branch output."""
+    """x + mixer(norm1(x)), then x + mlp(norm2(x)) when norm_first (GPT, ViT); norm1(x + mixer(x)), then
+    norm2(x + mlp(x)) otherwise (BERT). Dropout on each branch output.
 
-    def __init__(self, dim, mixer, mlp, norm_first=True, eps=1e-5, dropout=0.0):
+    The parts are built from factories called with `dim`, as in flash-attention's Block: mixer_cls(dim),
+    mlp_cls(dim), norm_cls(dim) (e.g. ``functools.partial(SelfAttention, num_heads=12)``), so a fused norm or
+    another mixer drops in without editing this class. The submodules are named mixer, mlp, norm1, norm2.
+    """
+
+    def __init__(self, dim, mixer_cls, mlp_cls, norm_cls=nn.LayerNorm, norm_first=True, dropout=0.0):
         super().__init__()
-        self.mixer, self.mlp, self.norm_first = mixer, mlp, norm_first
-        self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mixer, self.mlp, self.norm_first = mixer_cls(dim), mlp_cls(dim), norm_first
+        self.norm1 = norm_cls(dim)
+        self.norm2 = norm_cls(dim)
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x, **mixer_kwargs):

@@ -2,7 +2,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import reference
+from .. import backends, reference
 from ..ops import scaled_dot_product_attention
 
 
@@ -49,7 +49,7 @@ class MultiheadAttention(nn.MultiheadAttention):
         super().__init__(embed_dim, num_heads, dropout=dropout, bias=bias, add_bias_kv=add_bias_kv,
                          add_zero_attn=add_zero_attn, kdim=kdim, vdim=vdim, batch_first=batch_first, device=device,
                          dtype=dtype)
-        self.backend = backend
+        self.backend = backends.validate(backend, ops=("attention",), where="MultiheadAttention: backend")
 
     @classmethod
     def from_torch(cls, module, backend="auto"):

@@ -1,6 +1,7 @@
 import torch
 from torch import nn
 
+from .. import backends
 from ..ops import optimal_transport
 
 
@@ -11,11 +12,11 @@ class OptimalTransport(nn.Module):
     forward(attn (..., M, N)) -> T (..., M+1, N+1): see :func:`tlv_fast.optimal_transport`.
     """
 
-    def __init__(self, iters=10, backend="auto"):
+    def __init__(self, iters=10, backend="auto", device=None, dtype=None):
         super().__init__()
         self.iters = iters
-        self.backend = backend
-        self.phi = nn.Parameter(torch.tensor(0.0))
+        self.backend = backends.validate(backend, ops=("optimal_transport",), where="OptimalTransport: backend")
+        self.phi = nn.Parameter(torch.zeros((), device=device, dtype=dtype))
 
     def forward(self, attn):
         return optimal_transport(attn, self.phi, self.iters, self.backend)

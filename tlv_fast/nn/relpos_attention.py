@@ -2,6 +2,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import backends
 from ..ops import relpos_attention
 
 
@@ -38,7 +39,9 @@ class RelativeMultiheadAttention(nn.Module):
         if embed_dim % 2:
             raise ValueError(f"embed_dim must be even for the sinusoidal table, got {embed_dim}")
         kw = {"device": device, "dtype": dtype}
-        self.embed_dim, self.num_heads, self.backend = embed_dim, num_heads, backend
+        self.embed_dim, self.num_heads = embed_dim, num_heads
+        self.backend = backends.validate(backend, ops=("relpos_attention",),
+                                         where="RelativeMultiheadAttention: backend")
         self.head_dim = embed_dim // num_heads
         self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim, **kw))
         self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, **kw))

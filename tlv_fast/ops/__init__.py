@@ -1,6 +1,10 @@
-"""Public ops: autograd and torch.library registration over the kernels, with backend dispatch."""
-from .attention import attention, scaled_dot_product_attention
-from .relpos_attention import relpos_attention
-from .sinkhorn import optimal_transport, sinkhorn
+"""Public ops: autograd and torch.library registration over the kernels, with backend dispatch (tlv_fast.backends).
+
+Modules: sdpa (attention, scaled_dot_product_attention), relpos (relpos_attention), transport (sinkhorn,
+optimal_transport); each declares its backends next to its code.
+"""
+from .relpos import relpos_attention
+from .sdpa import attention, scaled_dot_product_attention
+from .transport import optimal_transport, sinkhorn
 
 __all__ = ["attention", "scaled_dot_product_attention", "relpos_attention", "sinkhorn", "optimal_transport"]

@@ -3,33 +3,33 @@
 The Triton path is two ``torch.library`` custom ops (``tlv_fast::attention_fwd`` / ``tlv_fast::attention_bwd``) with
 fake implementations and registered autograd, so ``torch.compile`` sees one opaque node and no graph break.
 """
+import dataclasses
 import math
-import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .. import reference
-from .._dispatch import choose, triton_device_reasons
+from .. import backends, reference, testing
+from ._common import FLOAT_DTYPES, TRITON_DTYPES, check_precision, empty_layout, triton_runtime
 
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
-_seed_recorders = []  # lists that tlv_fast.testing.record_dropout_seeds() appends the drawn seed tensors to
-_POISON = os.environ.get("TLV_FAST_POISON", "0") == "1"  # tests: fill kernel outputs with NaN before launch
 
 
 def _kernels():
-    from ..kernels import attention as kernels  # lazy: importing triton costs ~1 s and reads TRITON_INTERPRET
+    from ..kernels import attention as kernels  # lazy: importing triton costs ~1 s
     return kernels
 
 
-def _empty_layout(like, shape, dtype=None):
-    """Uninitialised tensor of `shape` whose first three dims are ordered in memory as `like`'s, last dim dense
-    (a BSHD tensor viewed as BHSD gives a BSHD-ordered result, as torch's SDPA does)."""
-    order = sorted(range(3), key=lambda i: (-like.stride(i), i)) + [3]
-    out = torch.empty_permuted(shape, order, dtype=dtype or like.dtype, device=like.device)
-    return out.fill_(float("nan")) if _POISON else out
+# what each backend runs (the README table is generated from these)
+FAMILY = backends.family("attention", public=("attention", "scaled_dot_product_attention"),
+                         auto={"cuda": ("triton", "reference"), "cpu": ("reference",)},
+                         features=("mask", "mask_grad", "causal", "dropout", "gqa", "lse"))
+TRITON = FAMILY.declare(backends.Implementation(
+    "attention", "triton", dtypes={"cuda": TRITON_DTYPES, "cpu": TRITON_DTYPES}, max_head_dim=MAX_HEAD_DIM,
+    runtime=triton_runtime(_kernels), notes={"cpu": "only under `TRITON_INTERPRET=1` (tests; slow)"}))
+REFERENCE = FAMILY.declare(backends.Implementation(
+    "attention", "reference", dtypes={"cuda": FLOAT_DTYPES, "cpu": FLOAT_DTYPES}, summary="materialises N × N"))
 
 
 def _causal_offset(causal, n_q, n_k):
@@ -41,10 +41,8 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor],
                    scale: float, causal: str, dropout_p: float, precision: str) -> tuple[Tensor, Tensor]:
     B, H, n_q, _ = q.shape
     n_k, dv = k.shape[2], v.shape[3]
-    out = _empty_layout(q, (B, H, n_q, dv))
-    lse = torch.empty((B, H, n_q), device=q.device, dtype=torch.float32)  # contiguous: the kernels index it so
-    if _POISON:
-        lse.fill_(float("nan"))
+    out = empty_layout(q, (B, H, n_q, dv))
+    lse = testing.poison(torch.empty((B, H, n_q), device=q.device, dtype=torch.float32))  # contiguous: kernels
     if out.numel() == 0 or n_k == 0:  # no keys: every row is empty -> 0, lse -inf
         return out.zero_(), lse.fill_(float("-inf"))
     if dropout_p > 0.0 and seed is None:
@@ -58,7 +56,7 @@ def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor],
 @_attention_fwd.register_fake
 def _(q, k, v, attn_mask, seed, scale, causal, dropout_p, precision):
     B, H, n_q, _ = q.shape
-    return _empty_layout(q, (B, H, n_q, v.shape[3])), q.new_empty((B, H, n_q), dtype=torch.float32)
+    return empty_layout(q, (B, H, n_q, v.shape[3])), q.new_empty((B, H, n_q), dtype=torch.float32)
 
 
 @torch.library.custom_op("tlv_fast::attention_bwd", mutates_args=())
@@ -67,7 +65,7 @@ def _attention_bwd(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v
                    dropout_p: float, precision: str, mask_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     B, H, n_q, _ = q.shape
     n_k = k.shape[2]
-    dq, dk, dv = _empty_layout(q, q.shape), _empty_layout(k, k.shape), _empty_layout(v, v.shape)
+    dq, dk, dv = empty_layout(q, q.shape), empty_layout(k, k.shape), empty_layout(v, v.shape)
     dmask = torch.zeros((B, H, n_q, n_k), device=q.device, dtype=torch.float32) if mask_grad else None
     if q.numel() and k.numel():
         mask = attn_mask.expand(B, H, n_q, n_k) if attn_mask is not None else None
@@ -84,7 +82,7 @@ def _attention_bwd(dout: Tensor, dlse: Optional[Tensor], q: Tensor, k: Tensor, v
 @_attention_bwd.register_fake
 def _(dout, dlse, q, k, v, out, lse, attn_mask, seed, scale, causal, dropout_p, precision, mask_grad):
     dmask = torch.empty_like(attn_mask, memory_format=torch.contiguous_format) if mask_grad else q.new_empty((0,))
-    return _empty_layout(q, q.shape), _empty_layout(k, k.shape), _empty_layout(v, v.shape), dmask
+    return empty_layout(q, q.shape), empty_layout(k, k.shape), empty_layout(v, v.shape), dmask
 
 
 def _setup_context(ctx, inputs, output):
@@ -104,7 +102,7 @@ def _backward(ctx, dout, dlse):
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _check(q, k, v, attn_mask, dropout_p, scale, gqa, fp32_precision):
+def _check(q, k, v, attn_mask, dropout_p, scale, gqa, fp32_precision, op):
     """Validate the public arguments; return (q, k, v, mask) as 4-D (B, H, N, D) views and the output shape."""
     for name, t in (("query", q), ("key", k), ("value", v)):
         if not isinstance(t, Tensor):
@@ -138,8 +136,7 @@ def _check(q, k, v, attn_mask, dropout_p, scale, gqa, fp32_precision):
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if scale is not None and not math.isfinite(scale):
         raise ValueError(f"scale must be a finite number or None, got {scale}")
-    if fp32_precision not in ("ieee", "tf32"):
-        raise ValueError(f"fp32_precision must be 'ieee' or 'tf32', got {fp32_precision!r}")
+    check_precision(op, fp32_precision)
     out_shape = (*q.shape[:-1], v.shape[-1])
     score_shape = (*q.shape[:-1], k.shape[-2])
     if attn_mask is not None:
@@ -167,31 +164,63 @@ def _check(q, k, v, attn_mask, dropout_p, scale, gqa, fp32_precision):
     return q, k, v, attn_mask, out_shape
 
 
-def _attention(q, k, v, attn_mask, dropout_p, causal, scale, gqa, return_lse, backend, fp32_precision, op):
-    q4, k4, v4, mask, out_shape = _check(q, k, v, attn_mask, dropout_p, scale, gqa, fp32_precision)
-    triton_reasons = triton_device_reasons(q.device)
-    if q.dtype not in _TRITON_DTYPES:
-        triton_reasons.append(f"dtype {q.dtype} (supported: float16, bfloat16, float32)")
-    if max(q.shape[-1], v.shape[-1]) > MAX_HEAD_DIM:
-        triton_reasons.append(f"head dim {max(q.shape[-1], v.shape[-1])} > {MAX_HEAD_DIM}")
-    preferred = ["triton", "reference"] if q.device.type == "cuda" else ["reference"]
-    chosen = choose(op, backend, {"triton": triton_reasons, "reference": []}, preferred)
+@dataclasses.dataclass
+class Call:
+    """A checked attention call and the backend chosen for it (see :func:`plan`); :func:`run` executes it."""
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    mask: Optional[Tensor]
+    out_shape: tuple
+    ndim: int
+    dropout_p: float
+    causal: str
+    scale: float
+    return_lse: bool
+    precision: str
+    backend: str
+
+
+def plan(q, k, v, attn_mask, dropout_p, causal, scale, gqa, return_lse, backend, fp32_precision, op):
+    """Validate a call (ValueError / TypeError naming the argument) and choose its backend (RuntimeError when the
+    named backend cannot run it); nothing runs yet."""
+    q4, k4, v4, mask, out_shape = _check(q, k, v, attn_mask, dropout_p, scale, gqa, fp32_precision, op)
+    features = {"causal"} if causal != "none" else set()
+    if mask is not None:
+        features.add("mask_grad" if mask.requires_grad else "mask")
+    if dropout_p > 0.0:
+        features.add("dropout")
+    if q4.shape[1] != k4.shape[1]:
+        features.add("gqa")
+    if return_lse:
+        features.add("lse")
+    inputs = backends.Inputs(q.device, q.dtype, max(q.shape[-1], v.shape[-1]), frozenset(features))
+    chosen = backends.choose(op, backend, inputs)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if chosen == "reference":
-        out, lse = reference.attention(q4, k4, v4, mask, dropout_p, None if causal == "none" else causal, scale,
-                                       return_lse=True)
+    return Call(q4, k4, v4, mask, out_shape, q.ndim, float(dropout_p), causal, scale, return_lse, fp32_precision,
+                chosen)
+
+
+def run(c: Call):
+    """Execute a planned call on its backend."""
+    if c.backend == "reference":
+        out, lse = reference.attention(c.q, c.k, c.v, c.mask, c.dropout_p,
+                                       None if c.causal == "none" else c.causal, c.scale, return_lse=True)
     else:
         seed = None
-        if dropout_p > 0.0:
-            seed = torch.randint(0, 2**31 - 1, (1,), device=q.device, dtype=torch.int64)
-            for rec in _seed_recorders:
-                rec.append(seed)
-        out, lse = torch.ops.tlv_fast.attention_fwd(q4, k4, v4, mask, seed, scale, causal, float(dropout_p),
-                                                    fp32_precision)
-    out = out.reshape(out_shape) if q.ndim != 4 else out
-    if return_lse:
-        return out, lse.reshape(out_shape[:-1]) if q.ndim != 4 else lse
+        if c.dropout_p > 0.0:
+            seed = torch.randint(0, 2**31 - 1, (1,), device=c.q.device, dtype=torch.int64)
+            testing.record_seed(seed)
+        out, lse = torch.ops.tlv_fast.attention_fwd(c.q, c.k, c.v, c.mask, seed, c.scale, c.causal, c.dropout_p,
+                                                    c.precision)
+    out = out.reshape(c.out_shape) if c.ndim != 4 else out
+    if c.return_lse:
+        return out, lse.reshape(c.out_shape[:-1]) if c.ndim != 4 else lse
     return out
+
+
+def _attention(q, k, v, attn_mask, dropout_p, causal, scale, gqa, return_lse, backend, fp32_precision, op):
+    return run(plan(q, k, v, attn_mask, dropout_p, causal, scale, gqa, return_lse, backend, fp32_precision, op))
 
 
 def attention(q, k, v, causal=False, scale=None, attn_mask=None, dropout_p=0.0, return_lse=False, backend="auto",
@@ -218,7 +247,8 @@ def attention(q, k, v, causal=False, scale=None, attn_mask=None, dropout_p=0.0, 
         return_lse: also return the natural-log logsumexp of each row's scaled, masked logits, (B, Hq, Nq) fp32
             (-inf for a row with no visible key). Gradients flowing into it are honoured.
         backend: "auto" (Triton on CUDA tensors, the reference elsewhere; env TLV_FAST_BACKEND overrides),
-            "triton" (CUDA, or CPU under TRITON_INTERPRET=1) or "reference" (eager, any device and dtype).
+            "triton" (CUDA, or CPU under TRITON_INTERPRET=1) or "reference" (eager, any device and dtype); see
+            tlv_fast.backends.
         fp32_precision: float32 inputs: "ieee" (default; full-precision dots, like torch's default matmul) or
             "tf32" (tensor-core TF32 dots, ~10-bit mantissa inputs, faster). Ignored for 16-bit inputs, whose dots
             run on tensor cores with fp32 accumulation.

@@ -1,15 +1,14 @@
 """Batched log-domain Sinkhorn and STTR's optimal transport: the csrc path (C++ on this machine, CUDA under -m gpu)
 against the eager unrolled loop in tlv_fast.reference — values and every gradient, masks, shapes, bad input."""
-import importlib
 import math
 
 import pytest
 import torch
 
 import tlv_fast
-from tlv_fast import reference
+from tlv_fast import formulas, reference
 
-from conftest import DEVICE, as_truth, assert_fa_rule
+from helpers import DEVICE, as_truth, assert_close, assert_fa_rule
 
 FLOAT_DTYPES = [pytest.param(torch.float64, id="fp64"), pytest.param(torch.float32, id="fp32")]
 
@@ -99,9 +98,8 @@ def test_optimal_transport_matches_reference(w, dtype):
                [attn, phi], dtype)
     assert T.shape == (2, w + 1, w + 1)
     # every real left pixel's row sums to 1 (the row update comes last); the dustbin row carries W
-    torch.testing.assert_close(T[:, :w].sum(-1), torch.ones(2, w, dtype=dtype, device=DEVICE), atol=1e-5, rtol=0)
-    torch.testing.assert_close(T[:, w].sum(-1), torch.full((2,), float(w), dtype=dtype, device=DEVICE), rtol=1e-3,
-                               atol=1e-3)
+    assert_close(T[:, :w].sum(-1), torch.ones(2, w, dtype=dtype, device=DEVICE), name="real rows sum to 1")
+    assert_close(T[:, w].sum(-1), torch.full((2,), float(w), dtype=dtype, device=DEVICE), name="dustbin row")
     assert torch.all(T[:, :w, :w][..., torch.ones(w, w, dtype=torch.bool, device=DEVICE).triu(1)] == 0)
 
 
@@ -128,7 +126,7 @@ def test_opcheck():
     mu = log_mu.detach().requires_grad_()
     torch.library.opcheck(torch.ops.tlv_fast.sinkhorn_fwd.default, (scores, mu, log_nu, None, 3, True, None))
     phi = torch.tensor(0.1, dtype=torch.float64, device=DEVICE, requires_grad=True)
-    lm, ln = reference.dustbin_marginals(5, 4, torch.float64, DEVICE)
+    lm, ln = formulas.dustbin_marginals(5, 4, torch.float64, DEVICE)
     torch.library.opcheck(torch.ops.tlv_fast.sinkhorn_fwd.default,
                           (scores, lm.expand(2, 6), ln.expand(2, 5), phi, 2, False, math.log(9)))
 
@@ -139,18 +137,18 @@ def test_torch_compile_fullgraph():
     eager = ot(attn)
     torch._dynamo.reset()
     compiled = torch.compile(ot, fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(compiled(attn), eager)
+    assert_close(compiled(attn), eager, name="compiled")
 
 
 def test_auto_uses_csrc_and_reference_backend_agrees(monkeypatch):
     scores, log_mu, log_nu = _problem((2,), 5, 6, torch.float64)
-    sk_module = importlib.import_module("tlv_fast.ops.sinkhorn")  # the module (the package exports the function)
+    from tlv_fast.ops import transport as sk_module
     calls = []
     real = sk_module._run
     monkeypatch.setattr(sk_module, "_run", lambda *a: calls.append(1) or real(*a))
     out = tlv_fast.sinkhorn(scores, log_mu, log_nu)
     assert calls == [1]
-    torch.testing.assert_close(out, tlv_fast.sinkhorn(scores, log_mu, log_nu, backend="reference"))
+    assert_close(out, tlv_fast.sinkhorn(scores, log_mu, log_nu, backend="reference"), name="auto vs reference")
     assert calls == [1]
     with pytest.raises(RuntimeError, match="not implemented"):
         tlv_fast.sinkhorn(scores, log_mu, log_nu, backend="triton")
@@ -200,6 +198,40 @@ def test_half_on_cpu_falls_back_to_the_reference_with_a_warning():
     scores, log_mu, log_nu = (t.detach().half() for t in _problem((2,), 5, 4, torch.float64))
     with pytest.warns(RuntimeWarning, match="float16"):
         out = tlv_fast.sinkhorn(scores, log_mu, log_nu)
-    torch.testing.assert_close(out, reference.sinkhorn(scores, log_mu, log_nu))
+    assert_close(out, reference.sinkhorn(scores, log_mu, log_nu), name="fallback")
     with pytest.raises(RuntimeError, match="float16"):
-        tlv_fast.sinkhorn(scores, log_mu, log_nu, backend="cuda")
+        tlv_fast.sinkhorn(scores, log_mu, log_nu, backend="native")
+
+
+# ---- Sinkhorn / optimal transport on CUDA: every launch path (one CTA, clusters, streaming) --------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("b,w,dtype", [
+    (4, 321, torch.float32),    # 322 x 322 fp32 = 415 KB: a 2-CTA cluster (bwd: 4)
+    (4, 321, torch.float16),    # 207 KB: one CTA
+    (2, 321, torch.bfloat16),
+    (3, 499, torch.float32),    # 1 MB: an 8-CTA cluster
+    (2, 1100, torch.float32),   # 4.8 MB: streams from global memory
+    (2, 200, torch.float64),
+], ids=str)
+def test_optimal_transport_cuda_paths(b, w, dtype):
+    attn = _problem((b,), w, w, dtype, "upper", scale=1.0)[0]
+    phi = torch.tensor(0.2, dtype=torch.float32 if dtype != torch.float64 else dtype, device="cuda",
+                       requires_grad=True)
+    _check(lambda a, p: tlv_fast.optimal_transport(a, p), lambda a, p: reference.optimal_transport(a, p), [attn, phi],
+           dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,n,order", [(640, 2049, "row_first"), (97, 1, "col_first"), (1, 1, "col_first")], ids=str)
+def test_sinkhorn_cuda_odd_shapes(m, n, order):
+    inputs = _problem((2,), m, n, torch.float32, None)
+    _check(lambda s, a, c: tlv_fast.sinkhorn(s, a, c, iters=5, order=order),
+           lambda s, a, c: reference.sinkhorn(s, a, c, iters=5, order=order), inputs, torch.float32)
+
+
+@pytest.mark.gpu
+def test_optimal_transport_cuda_deterministic():
+    attn = torch.randn(8, 321, 321, device="cuda", requires_grad=True)
+    phi = torch.tensor(0.0, device="cuda", requires_grad=True)
+    grads = [torch.autograd.grad(tlv_fast.optimal_transport(attn, phi).square().sum(), (attn, phi)) for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*grads))

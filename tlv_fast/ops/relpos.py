@@ -4,14 +4,24 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import reference
-from .._dispatch import choose, triton_device_reasons
-from .attention import MAX_HEAD_DIM, _TRITON_DTYPES, _empty_layout
+from .. import backends, reference, testing
+from ._common import FLOAT_DTYPES, TRITON_DTYPES, check_precision, empty_layout, triton_runtime
+from .sdpa import MAX_HEAD_DIM
 
 
 def _kernels():
-    from ..kernels import relpos_attention as kernels  # lazy, as in ops.attention
+    from ..kernels import relpos_attention as kernels  # lazy, as in ops.sdpa
     return kernels
+
+
+FAMILY = backends.family("relpos_attention", public=("relpos_attention",),
+                         auto={"cuda": ("triton", "reference"), "cpu": ("reference",)}, features=("logits",))
+TRITON = FAMILY.declare(backends.Implementation(
+    "relpos_attention", "triton", dtypes={"cuda": TRITON_DTYPES, "cpu": TRITON_DTYPES}, max_head_dim=MAX_HEAD_DIM,
+    runtime=triton_runtime(_kernels), notes={"cpu": "only under `TRITON_INTERPRET=1`"}))
+REFERENCE = FAMILY.declare(backends.Implementation(
+    "relpos_attention", "reference", dtypes={"cuda": FLOAT_DTYPES, "cpu": FLOAT_DTYPES},
+    summary="materialises N × N logits"))
 
 
 @torch.library.custom_op("tlv_fast::relpos_attention_fwd", mutates_args=())
@@ -19,8 +29,8 @@ def _relpos_fwd(q: Tensor, k: Tensor, v: Tensor, qr: Tensor, kr: Tensor, offset_
                 return_logits: bool, precision: str) -> tuple[Tensor, Tensor, Tensor]:
     B, H, n_q, _ = q.shape
     n_k = k.shape[2]
-    out = _empty_layout(q, (B, H, n_q, v.shape[3]))
-    lse = torch.empty((B, H, n_q), device=q.device, dtype=torch.float32)
+    out = empty_layout(q, (B, H, n_q, v.shape[3]))
+    lse = testing.poison(torch.empty((B, H, n_q), device=q.device, dtype=torch.float32))
     logits = torch.zeros((B, n_q, n_k) if return_logits else (0,), device=q.device, dtype=torch.float32)
     _kernels().relpos_attention_fwd(q, k, v, qr, kr, out, lse, logits if return_logits else None, offset_sign,
                                     mask_upper, precision)
@@ -31,7 +41,7 @@ def _relpos_fwd(q: Tensor, k: Tensor, v: Tensor, qr: Tensor, kr: Tensor, offset_
 def _(q, k, v, qr, kr, offset_sign, mask_upper, return_logits, precision):
     B, H, n_q, _ = q.shape
     logits_shape = (B, n_q, k.shape[2]) if return_logits else (0,)
-    return (_empty_layout(q, (B, H, n_q, v.shape[3])), q.new_empty((B, H, n_q), dtype=torch.float32),
+    return (empty_layout(q, (B, H, n_q, v.shape[3])), q.new_empty((B, H, n_q), dtype=torch.float32),
             q.new_empty(logits_shape, dtype=torch.float32))
 
 
@@ -39,10 +49,10 @@ def _(q, k, v, qr, kr, offset_sign, mask_upper, return_logits, precision):
 def _relpos_bwd(dout: Tensor, dlogits: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, qr: Tensor, kr: Tensor,
                 out: Tensor, lse: Tensor, offset_sign: int, mask_upper: bool,
                 precision: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    dk, dv = _empty_layout(k, k.shape), _empty_layout(v, v.shape)
+    dk, dv = empty_layout(k, k.shape), empty_layout(v, v.shape)
     dq, dqr, dkr = _kernels().relpos_attention_bwd(dout, dlogits, q, k, v, qr, kr, out, lse, None, dk, dv,
                                                    offset_sign, mask_upper, precision)
-    dq_out = _empty_layout(q, q.shape)
+    dq_out = empty_layout(q, q.shape)
     dq_out.copy_(dq)
     return dq_out, dk, dv, dqr.to(qr.dtype), dkr.to(kr.dtype)
 
@@ -50,7 +60,7 @@ def _relpos_bwd(dout: Tensor, dlogits: Optional[Tensor], q: Tensor, k: Tensor, v
 @_relpos_bwd.register_fake
 def _(dout, dlogits, q, k, v, qr, kr, out, lse, offset_sign, mask_upper, precision):
     rows, H, d = qr.shape
-    return (_empty_layout(q, q.shape), _empty_layout(k, k.shape), _empty_layout(v, v.shape),
+    return (empty_layout(q, q.shape), empty_layout(k, k.shape), empty_layout(v, v.shape),
             qr.new_empty((rows, H, d)), kr.new_empty((rows, H, d)))
 
 
@@ -119,15 +129,10 @@ def relpos_attention(q, k, v, qr, kr, offset_sign=1, mask_upper=False, return_lo
         raise ValueError(f"relpos_attention: offset_sign must be +1 or -1, got {offset_sign!r}")
     if n_q == 0 or n_k == 0:
         raise ValueError(f"relpos_attention: Nq and Nk must be >= 1, got {n_q} and {n_k}")
-    if fp32_precision not in ("ieee", "tf32"):
-        raise ValueError(f"relpos_attention: fp32_precision must be 'ieee' or 'tf32', got {fp32_precision!r}")
-    reasons = triton_device_reasons(q.device)
-    if q.dtype not in _TRITON_DTYPES:
-        reasons.append(f"dtype {q.dtype} (supported: float16, bfloat16, float32)")
-    if max(d, v.shape[3]) > MAX_HEAD_DIM:
-        reasons.append(f"head dim {max(d, v.shape[3])} > {MAX_HEAD_DIM}")
-    preferred = ["triton", "reference"] if q.device.type == "cuda" else ["reference"]
-    chosen = choose("relpos_attention", backend, {"triton": reasons, "reference": []}, preferred)
+    check_precision("relpos_attention", fp32_precision)
+    inputs = backends.Inputs(q.device, q.dtype, max(d, v.shape[3]),
+                             frozenset({"logits"}) if return_logits else frozenset())
+    chosen = backends.choose("relpos_attention", backend, inputs)
     if chosen == "reference":
         return reference.relpos_attention(q, k, v, qr, kr, offset_sign, mask_upper, return_logits)
     out, _, logits = torch.ops.tlv_fast.relpos_attention_fwd(q, k, v, qr, kr, int(offset_sign), bool(mask_upper),

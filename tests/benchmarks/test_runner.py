@@ -6,9 +6,7 @@ import sys
 
 import pytest
 
-from conftest import HAS_CUDA
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import HAS_CUDA, REPO
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the GPU runner is exercised by benchmarks/gpu_check.sh")

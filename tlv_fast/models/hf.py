@@ -1,55 +1,30 @@
-"""Model configurations, presets and the Hugging Face checkpoint key maps (kept here, beside the configs)."""
-import dataclasses
+"""Hugging Face transformers conversion for BERT, GPT and ViT: config fields both ways, state-dict key maps both ways
+(transformers 4 and 5 layouts for ViT), and reading a model or a local checkpoint directory (hf_source).
+
+Config conversion returns keyword arguments for our config classes (and reads ours by attribute), so this module
+does not import the models.
+"""
+import json
+import os
 import re
 
 import torch
 
 
-@dataclasses.dataclass
-class GPTConfig:
-    vocab_size: int = 50257
-    n_positions: int = 1024
-    dim: int = 768
-    n_layer: int = 12
-    n_head: int = 12
-    mlp_hidden: int = 3072
-    dropout: float = 0.1
-    eps: float = 1e-5
-    backend: str = "auto"
-
-
-GPT_PRESETS = {  # the seed lecture's table: parameters / layers / width (GPT-2 paper, Table 2)
-    "gpt2-117m": dict(n_layer=12, dim=768, n_head=12, mlp_hidden=3072),
-    "gpt2-345m": dict(n_layer=24, dim=1024, n_head=16, mlp_hidden=4096),
-    "gpt2-762m": dict(n_layer=36, dim=1280, n_head=20, mlp_hidden=5120),
-    "gpt2-1542m": dict(n_layer=48, dim=1600, n_head=25, mlp_hidden=6400),
-    "tiny": dict(vocab_size=256, n_positions=128, n_layer=2, dim=64, n_head=4, mlp_hidden=256),
-}
-
-
 def gpt_config_from_hf(cfg):
     if cfg.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
         raise ValueError(f"GPT: activation {cfg.activation_function!r} not supported (gelu_new)")
-    return GPTConfig(vocab_size=cfg.vocab_size, n_positions=cfg.n_positions, dim=cfg.n_embd, n_layer=cfg.n_layer,
-                     n_head=cfg.n_head, mlp_hidden=cfg.n_inner or 4 * cfg.n_embd, dropout=cfg.resid_pdrop,
-                     eps=cfg.layer_norm_epsilon)
+    return dict(vocab_size=cfg.vocab_size, max_positions=cfg.n_positions, dim=cfg.n_embd, num_layers=cfg.n_layer,
+                num_heads=cfg.n_head, mlp_hidden=cfg.n_inner or 4 * cfg.n_embd, dropout=cfg.resid_pdrop,
+                eps=cfg.layer_norm_epsilon)
 
 
 def gpt_hf_config(cfg):
     from transformers import GPT2Config
-    return GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.n_positions, n_embd=cfg.dim, n_layer=cfg.n_layer,
-                      n_head=cfg.n_head, n_inner=cfg.mlp_hidden, resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
-                      attn_pdrop=cfg.dropout, layer_norm_epsilon=cfg.eps, activation_function="gelu_new")
-
-
-class Presets:
-    """Mixin: cls.from_preset(name, **overrides) for a model class with PRESETS and CONFIG class attributes."""
-
-    @classmethod
-    def from_preset(cls, name, **overrides):
-        if name not in cls.PRESETS:
-            raise ValueError(f"unknown {cls.__name__} preset {name!r}; presets: {sorted(cls.PRESETS)}")
-        return cls(cls.CONFIG(**{**cls.PRESETS[name], **overrides}))
+    return GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.max_positions, n_embd=cfg.dim,
+                      n_layer=cfg.num_layers, n_head=cfg.num_heads, n_inner=cfg.mlp_hidden, resid_pdrop=cfg.dropout,
+                      embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, layer_norm_epsilon=cfg.eps,
+                      activation_function="gelu_new")
 
 
 class KeyMap:
@@ -122,44 +97,21 @@ def gpt_to_hf_state_dict(sd, lm_head=True):
     return out
 
 
-@dataclasses.dataclass
-class BERTConfig:
-    vocab_size: int = 30522
-    max_positions: int = 512
-    type_vocab_size: int = 2
-    dim: int = 768
-    n_layer: int = 12
-    n_head: int = 12
-    mlp_hidden: int = 3072
-    dropout: float = 0.1
-    eps: float = 1e-12
-    pretraining_heads: bool = True  # masked-LM + next-sentence heads
-    num_labels: int = 0             # > 0: a sequence-classification head on [CLS]
-    backend: str = "auto"
-
-
-BERT_PRESETS = {
-    "bert-base": dict(n_layer=12, dim=768, n_head=12, mlp_hidden=3072),
-    "bert-large": dict(n_layer=24, dim=1024, n_head=16, mlp_hidden=4096),
-    "tiny": dict(vocab_size=256, max_positions=128, n_layer=2, dim=64, n_head=4, mlp_hidden=256),
-}
-
-
 def bert_config_from_hf(cfg, pretraining_heads, num_labels):
     if cfg.hidden_act != "gelu":
         raise ValueError(f"BERT: activation {cfg.hidden_act!r} not supported (gelu)")
-    return BERTConfig(vocab_size=cfg.vocab_size, max_positions=cfg.max_position_embeddings,
-                      type_vocab_size=cfg.type_vocab_size, dim=cfg.hidden_size, n_layer=cfg.num_hidden_layers,
-                      n_head=cfg.num_attention_heads, mlp_hidden=cfg.intermediate_size,
-                      dropout=cfg.hidden_dropout_prob, eps=cfg.layer_norm_eps, pretraining_heads=pretraining_heads,
-                      num_labels=num_labels)
+    return dict(vocab_size=cfg.vocab_size, max_positions=cfg.max_position_embeddings,
+                type_vocab_size=cfg.type_vocab_size, dim=cfg.hidden_size, num_layers=cfg.num_hidden_layers,
+                num_heads=cfg.num_attention_heads, mlp_hidden=cfg.intermediate_size,
+                dropout=cfg.hidden_dropout_prob, eps=cfg.layer_norm_eps, pretraining_heads=pretraining_heads,
+                num_labels=num_labels)
 
 
 def bert_hf_config(cfg):
     from transformers import BertConfig
     return BertConfig(vocab_size=cfg.vocab_size, max_position_embeddings=cfg.max_positions,
-                      type_vocab_size=cfg.type_vocab_size, hidden_size=cfg.dim, num_hidden_layers=cfg.n_layer,
-                      num_attention_heads=cfg.n_head, intermediate_size=cfg.mlp_hidden,
+                      type_vocab_size=cfg.type_vocab_size, hidden_size=cfg.dim, num_hidden_layers=cfg.num_layers,
+                      num_attention_heads=cfg.num_heads, intermediate_size=cfg.mlp_hidden,
                       hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout,
                       layer_norm_eps=cfg.eps, num_labels=max(cfg.num_labels, 2))
 
@@ -232,45 +184,20 @@ def bert_to_hf_state_dict(sd, prefix="bert."):
     return out
 
 
-@dataclasses.dataclass
-class ViTConfig:
-    image_size: int = 224
-    patch_size: int = 16
-    in_channels: int = 3
-    dim: int = 768
-    n_layer: int = 12
-    n_head: int = 12
-    mlp_hidden: int = 3072
-    dropout: float = 0.0
-    eps: float = 1e-12
-    num_classes: int = 1000         # 0: no classification head
-    pooler: bool = False            # ViTModel's tanh pooler on [CLS]
-    stem_channels: tuple = ()       # hybrid: a conv stem (3x3, stride 2, BN, ReLU per entry), then patch size 1
-    backend: str = "auto"
-
-
-VIT_PRESETS = {  # ViT paper, Table 1
-    "vit-base-16": dict(n_layer=12, dim=768, n_head=12, mlp_hidden=3072, patch_size=16),
-    "vit-large-16": dict(n_layer=24, dim=1024, n_head=16, mlp_hidden=4096, patch_size=16),
-    "vit-huge-14": dict(n_layer=32, dim=1280, n_head=16, mlp_hidden=5120, patch_size=14),
-    "tiny": dict(image_size=32, patch_size=8, n_layer=2, dim=64, n_head=4, mlp_hidden=128, num_classes=10),
-}
-
-
 def vit_config_from_hf(cfg, num_classes, pooler):
     if cfg.hidden_act != "gelu" or not cfg.qkv_bias:
         raise ValueError("ViT: only gelu activations and qkv biases are supported")
     size = cfg.image_size if isinstance(cfg.image_size, int) else cfg.image_size[0]
     patch = cfg.patch_size if isinstance(cfg.patch_size, int) else cfg.patch_size[0]
-    return ViTConfig(image_size=size, patch_size=patch, in_channels=cfg.num_channels, dim=cfg.hidden_size,
-                     n_layer=cfg.num_hidden_layers, n_head=cfg.num_attention_heads, mlp_hidden=cfg.intermediate_size,
-                     dropout=cfg.hidden_dropout_prob, eps=cfg.layer_norm_eps, num_classes=num_classes, pooler=pooler)
+    return dict(image_size=size, patch_size=patch, in_channels=cfg.num_channels, dim=cfg.hidden_size,
+                num_layers=cfg.num_hidden_layers, num_heads=cfg.num_attention_heads, mlp_hidden=cfg.intermediate_size,
+                dropout=cfg.hidden_dropout_prob, eps=cfg.layer_norm_eps, num_classes=num_classes, pooler=pooler)
 
 
 def vit_hf_config(cfg):
     from transformers import ViTConfig as HFViTConfig
     return HFViTConfig(image_size=cfg.image_size, patch_size=cfg.patch_size, num_channels=cfg.in_channels,
-                       hidden_size=cfg.dim, num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+                       hidden_size=cfg.dim, num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
                        intermediate_size=cfg.mlp_hidden, hidden_dropout_prob=cfg.dropout,
                        attention_probs_dropout_prob=cfg.dropout, layer_norm_eps=cfg.eps,
                        num_labels=max(cfg.num_classes, 1))
@@ -365,10 +292,9 @@ def hf_source(model_or_path):
     along), else read directly from config.json and *.safetensors."""
     if not (isinstance(model_or_path, (str, bytes)) or hasattr(model_or_path, "__fspath__")):
         return model_or_path.config, model_or_path.state_dict()
-    import json
-    import os
     path = os.fspath(model_or_path)
-    cfg = json.load(open(os.path.join(path, "config.json")))
+    with open(os.path.join(path, "config.json")) as f:
+        cfg = json.load(f)
     try:
         import transformers
     except ImportError:
@@ -383,77 +309,6 @@ def hf_source(model_or_path):
     return model.config, model.state_dict()
 
 
-@dataclasses.dataclass
-class STTRConfig:
-    """STTR (Li et al., ICCV 2021). Defaults are the paper's and the published checkpoint's: 128 channels, 8 heads,
-    6 self/cross layers, attention stride 3, optimal transport with 10 Sinkhorn iterations, a context adjustment
-    layer of 8 blocks (16 features, expansion 4).
-
-    parity: reproduce the published code where it departs from the paper (sttr-spec 7): the raw occlusion is 0 and
-        the window is not renormalised where its mass is < min_window_mass (or where a passed ground-truth occlusion
-        is true); one token is W / W' pixels wide rather than the stride; the relative-response target omits the
-        half-stride offset. Batch > 1 is correct in both modes.
-    gradient_checkpointing: recompute every attention layer in backward (training only), as published.
-    backend: "auto", "reference" (eager everything) or "fused" (the Triton relative-position kernel and the csrc
-        Sinkhorn, raising if either cannot run).
-    """
-    hidden_dim: int = 128
-    num_heads: int = 8
-    num_layers: int = 6
-    stride: int = 3
-    sinkhorn_iters: int = 10
-    regression: str = "ot"  # or "softmax" (the paper's ablation: a row softmax over the dustbin-augmented scores)
-    cal: bool = True
-    cal_blocks: int = 8
-    cal_feat_dim: int = 16
-    cal_expansion: int = 4
-    min_window_mass: float = 0.1
-    parity: bool = False
-    gradient_checkpointing: bool = True
-    backend: str = "auto"
-
-    def __post_init__(self):
-        if self.hidden_dim % self.num_heads or self.hidden_dim % 2:
-            raise ValueError(f"STTRConfig: hidden_dim ({self.hidden_dim}) must be even and divisible by num_heads "
-                             f"({self.num_heads})")
-        if not isinstance(self.stride, int) or self.stride < 1:
-            raise ValueError(f"STTRConfig: stride must be an int >= 1, got {self.stride!r}")
-        if self.regression not in ("ot", "softmax"):
-            raise ValueError(f"STTRConfig: regression must be 'ot' or 'softmax', got {self.regression!r}")
-        if self.backend not in ("auto", "reference", "fused"):
-            raise ValueError(f"STTRConfig: backend must be 'auto', 'reference' or 'fused', got {self.backend!r}")
-        if self.num_layers < 1:
-            raise ValueError(f"STTRConfig: num_layers must be >= 1, got {self.num_layers}")
-
-
-STTR_PRESETS = {
-    "sttr": {},  # the published architecture
-    "small": dict(hidden_dim=32, num_heads=4, num_layers=3, cal_blocks=2),  # the CPU demo
-    "tiny": dict(hidden_dim=16, num_heads=2, num_layers=2, cal_blocks=1, cal_feat_dim=8, cal_expansion=2),
-}
-
-# The published checkpoints were saved before BatchNorm tracking was switched off: their running statistics carry
-# nothing the forward uses (every BatchNorm normalises with batch statistics) and are dropped on load.
-STTR_LEGACY_SUFFIXES = (".running_mean", ".running_var", ".num_batches_tracked")
-
-
-def sttr_from_published_state_dict(sd):
-    """A published STTR state dict (or a checkpoint dict holding one under 'state_dict') -> our names: drops legacy
-    BatchNorm statistics and a DataParallel 'module.' prefix, and renames torch's newer weight-norm parametrisation
-    (parametrizations.weight.original0/1) to the weight_g/weight_v the published files use."""
-    if "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
-    out = {}
-    for key, value in sd.items():
-        if key.endswith(STTR_LEGACY_SUFFIXES):
-            continue
-        key = key[len("module."):] if key.startswith("module.") else key
-        key = key.replace(".parametrizations.weight.original0", ".weight_g")
-        key = key.replace(".parametrizations.weight.original1", ".weight_v")
-        out[key] = value
-    return out
-
-
 class _Namespace(dict):
     def __getattr__(self, name):
         try:
@@ -462,11 +317,7 @@ class _Namespace(dict):
             raise AttributeError(name) from None
 
 
-__all__ = ["Presets", "KeyMap", "hf_source",
-           "STTRConfig", "STTR_PRESETS", "STTR_LEGACY_SUFFIXES", "sttr_from_published_state_dict",
-           "ViTConfig", "VIT_PRESETS", "vit_config_from_hf", "vit_hf_config", "vit_from_hf_state_dict",
-           "vit_to_hf_state_dict", "vit_naming",
-           "BERTConfig", "BERT_PRESETS", "bert_config_from_hf", "bert_hf_config", "bert_from_hf_state_dict",
-           "bert_to_hf_state_dict",
-           "GPTConfig", "GPT_PRESETS", "gpt_config_from_hf", "gpt_hf_config", "gpt_from_hf_state_dict",
-           "gpt_to_hf_state_dict"]
+__all__ = ["KeyMap", "hf_source",
+           "vit_config_from_hf", "vit_hf_config", "vit_from_hf_state_dict", "vit_to_hf_state_dict", "vit_naming",
+           "bert_config_from_hf", "bert_hf_config", "bert_from_hf_state_dict", "bert_to_hf_state_dict",
+           "gpt_config_from_hf", "gpt_hf_config", "gpt_from_hf_state_dict", "gpt_to_hf_state_dict"]

@@ -9,7 +9,8 @@ import tempfile
 import pytest
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import REPO
+
 CSRC = os.path.join(REPO, "csrc")
 
 
@@ -65,7 +66,7 @@ def test_concurrent_first_use_builds_once_and_both_load():
             "s = torch.randn(2, 5, 6, dtype=torch.float64)\n"
             "mu = torch.full((2, 5), -5 ** 0.5, dtype=torch.float64)\n"
             "nu = torch.full((2, 6), -6 ** 0.5, dtype=torch.float64)\n"
-            "print(tlv_fast.sinkhorn(s, mu, nu, backend='cuda').sum().item())\n")
+            "print(tlv_fast.sinkhorn(s, mu, nu, backend='native').sum().item())\n")
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, "TLV_FAST_CACHE": cache}
         procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import tlv_fast
-from tlv_fast.kernels import attention as kernels
+from tlv_fast.kernels.common import force_blocks
 
-from conftest import DEVICE, compare_with_reference, dtype_params, make_qkv
+from helpers import DEVICE, assert_close, compare_with_reference, dtype_params, make_qkv
 
 B, H, NQ, NK = 2, 3, 27, 38
 
@@ -109,7 +109,7 @@ def test_masks_with_unequal_tiles(blocks):
     q, k, v = make_qkv(B, H, NQ, NK, 16)
     bias = torch.randn(1, H, NQ, NK, device=DEVICE).requires_grad_()
     pad = _bool_mask((B, 1, 1, NK))
-    with kernels.force_blocks(*blocks):
+    with force_blocks(*blocks):
         compare_with_reference(q, k, v, attn_mask=bias, causal="bottom_right", run=_run(True))
         compare_with_reference(q, k, v, attn_mask=pad, run=_run(False))
 
@@ -119,4 +119,4 @@ def test_sdpa_matches_torch_with_masks():
     for mask in (_bool_mask((B, 1, 1, NK)), torch.randn(B, H, NQ, NK, device=DEVICE), _bool_mask((NQ, NK)) | True):
         ours = tlv_fast.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend="triton")
         theirs = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=2e-5)
+        assert_close(ours, theirs, name="vs torch")

@@ -6,7 +6,7 @@ from torch import nn
 
 import tlv_fast
 
-from conftest import DEVICE
+from helpers import DEVICE, assert_close
 
 E, H, L, S, N = 32, 4, 7, 9, 3
 
@@ -29,19 +29,19 @@ def _inputs(batch_first=False, kdim=E, vdim=E, batched=True):
     return t(L, E), t(S, kdim), t(S, vdim)
 
 
-def _compare(ref, ours, inputs, atol=2e-5, **kw):
+def _compare(ref, ours, inputs, **kw):
     out_r, w_r = ref(*inputs, **kw)
     out_o, w_o = ours(*inputs, **kw)
-    torch.testing.assert_close(out_o, out_r, atol=atol, rtol=atol)
+    assert_close(out_o, out_r, name="out")
     if w_r is None:
         assert w_o is None
     else:
-        torch.testing.assert_close(w_o, w_r, atol=atol, rtol=atol)
+        assert_close(w_o, w_r, name="weights")
     g = torch.randn_like(out_r)
     gr = torch.autograd.grad(out_r, list(inputs) + list(ref.parameters()), g)
     go = torch.autograd.grad(out_o, list(inputs) + list(ours.parameters()), g)
     for a, b in zip(go, gr):
-        torch.testing.assert_close(a, b, atol=10 * atol, rtol=10 * atol)
+        assert_close(a, b, "bwd", name="grad")
 
 
 @pytest.mark.parametrize("need_weights", [False, True])
@@ -97,5 +97,4 @@ def test_same_state_dict_keys_and_training_dropout():
     b, _ = ours(*inputs, need_weights=False)
     assert not torch.allclose(a, b)  # dropout is on in training mode
     ours.eval()
-    torch.testing.assert_close(ours(*inputs, need_weights=False)[0], ref.eval()(*inputs, need_weights=False)[0],
-                               atol=2e-5, rtol=2e-5)
+    assert_close(ours(*inputs, need_weights=False)[0], ref.eval()(*inputs, need_weights=False)[0], name="eval")

@@ -11,8 +11,9 @@ import sys
 import pytest
 
 from tlv_fast.kernels import attention as ka
+from tlv_fast.kernels.common import configs as as_configs
 
-from conftest import HAS_CUDA
+from helpers import HAS_CUDA
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 pytestmark = pytest.mark.skipif(HAS_CUDA, reason="a GPU run compiles the kernels for real")
@@ -33,9 +34,9 @@ def _variant(d, causal=True, mask_kind=ka.MASK_FLOAT, bcast=0, dropout=True, pre
 
 
 KERNELS = {
-    "fwd": ("_attn_fwd_kernel", {}, ka._FWD_CONFIGS),
-    "dkdv": ("_attn_bwd_dkdv_kernel", {"STORE_DMASK": True}, ka._DKDV_CONFIGS),
-    "dq": ("_attn_bwd_dq_kernel", {}, ka._DQ_CONFIGS),
+    "fwd": ("_attn_fwd_kernel", {}, as_configs(ka.FWD_CONFIGS)),
+    "dkdv": ("_attn_bwd_dkdv_kernel", {"STORE_DMASK": True}, as_configs(ka.DKDV_CONFIGS)),
+    "dq": ("_attn_bwd_dq_kernel", {}, as_configs(ka.DQ_CONFIGS)),
 }
 
 
@@ -51,7 +52,7 @@ def test_kernels_lower_to_wgmma_for_sm90():
         cases.append(_case(name, _variant(80), configs[2]))  # causal, float mask, dropout, padded head dim
         cases.append(_case(name, _variant(64, causal=False, mask_kind=ka.MASK_BOOL, bcast=2, dropout=False),
                            configs[2], mask_type="u8"))  # key-padding bool mask
-    cases.append(dict(kernel="_attn_bwd_preprocess_kernel",
+    cases.append(dict(kernel="_delta_kernel", module="common",
                       constexprs=dict(HEAD_DIM_V=96, BLOCK_DV=128, HAS_DLSE=True, BLOCK_M=64)))
     cases.append(dict(kernel="_dropout_mask_kernel", constexprs=dict(BLOCK_M=16, BLOCK_N=16)))
     uses_wgmma = _compile(cases)

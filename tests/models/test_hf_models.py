@@ -5,27 +5,24 @@ import pytest
 import torch
 
 from tlv_fast.models import BERT, GPT, ViT
-from tlv_fast.models.configs import bert_to_hf_state_dict, gpt_to_hf_state_dict, vit_to_hf_state_dict
 from tlv_fast.models.gpt import _pick
+from tlv_fast.models.hf import bert_to_hf_state_dict, gpt_to_hf_state_dict, vit_to_hf_state_dict
 
-from conftest import DEVICE
+from helpers import DEVICE, assert_close
 
 T = pytest.importorskip("transformers", reason="needs transformers for the parity tests")
 T.logging.set_verbosity_error()
 
 
-def _close(a, b, rtol=1e-4, name="", atol=1e-7):
-    """max |a - b| <= rtol * max |b| + atol (atol: gradients that are zero in exact arithmetic, e.g. key biases)."""
-    scale = b.abs().max().item()
-    err = (a - b).abs().max().item()
-    assert err <= rtol * scale + atol, f"{name}: max error {err:.3g} vs scale {scale:.3g}"
+def _close(a, b, name=""):
+    assert_close(a, b, name=name)
 
 
-def _compare_grads(ours_grads_hf_named, hf_model, rtol=1e-4):
+def _compare_grads(ours_grads_hf_named, hf_model):
     hf_params = dict(hf_model.named_parameters())
     for name, g in ours_grads_hf_named.items():
         if name in hf_params and hf_params[name].grad is not None:
-            _close(g, hf_params[name].grad, rtol, name)
+            assert_close(g, hf_params[name].grad, "bwd", name)
 
 
 def _gpt_pair(backend="reference"):
@@ -188,8 +185,8 @@ def test_hybrid_stem_and_presets():
     m = ViT.from_preset("tiny", stem_channels=(8, 16))
     assert m.feature_stride == 4 and m(torch.randn(2, 3, 32, 32))["logits"].shape == (2, 10)
     assert sum(p.numel() for p in GPT.from_preset("gpt2-117m").parameters()) == pytest.approx(124.4e6, rel=0.01)
-    assert GPT.from_preset("gpt2-1542m", n_layer=1).config.dim == 1600
-    assert ViT.from_preset("vit-huge-14", n_layer=1).config.patch_size == 14
+    assert GPT.from_preset("gpt2-1542m", num_layers=1).config.dim == 1600
+    assert ViT.from_preset("vit-huge-14", num_layers=1).config.patch_size == 14
     with pytest.raises(ValueError, match="preset"):
         BERT.from_preset("bert-xl")
 

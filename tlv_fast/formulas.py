@@ -1,0 +1,35 @@
+"""Small formulas that the eager reference and the production path both use, written once.
+
+Only torch and the standard library are imported here (tests/test_layout.py checks it), so that
+``tlv_fast.reference`` -- the test oracle -- may import this module and stay independent of the kernels.
+"""
+import math
+
+import torch
+
+
+def dustbin_marginals(m, n, dtype=torch.float32, device=None):
+    """log marginals of the dustbin problem (SuperGlue, Sarlin et al. 2020; STTR): each of m rows / n columns carries
+    1/(m+n), the row dustbin n/(m+n), the column dustbin m/(m+n). Returns (log_mu (m+1), log_nu (n+1))."""
+    norm = -math.log(m + n)
+    log_mu = torch.full((m + 1,), norm, dtype=dtype, device=device)
+    log_nu = torch.full((n + 1,), norm, dtype=dtype, device=device)
+    log_mu[-1] += math.log(n)
+    log_nu[-1] += math.log(m)
+    return log_mu, log_nu
+
+
+def add_dustbins(scores, phi):
+    """(..., M, N) scores -> (..., M+1, N+1) with a last row and column holding the scalar tensor `phi`."""
+    *batch, m, n = scores.shape
+    phi = phi.to(scores.dtype)
+    return torch.cat([torch.cat([scores, phi.expand(*batch, m, 1)], -1), phi.expand(*batch, 1, n + 1)], -2)
+
+
+def relpos_rows(n_q, n_k, offset_sign, device=None):
+    """(Nq, Nk) table row used by query i and key j in relative-position attention: the offset
+    delta = offset_sign * (i - j) shifted to start at 0, i.e. row = delta + (Nk - 1) for offset_sign = +1 and
+    row = delta + (Nq - 1) for offset_sign = -1; rows run over Nq + Nk - 1 offsets in ascending order."""
+    i = torch.arange(n_q, device=device)[:, None]
+    j = torch.arange(n_k, device=device)[None, :]
+    return (i - j) + (n_k - 1) if offset_sign == 1 else (j - i) + (n_q - 1)

@@ -1,0 +1,38 @@
+"""Pieces the op modules share: output allocation in the inputs' memory order, the Triton runtime condition of the
+backend declarations, and argument checks that more than one op makes."""
+import torch
+
+from .. import testing
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+PRECISIONS = ("ieee", "tf32")
+
+
+def empty_layout(like, shape, dtype=None):
+    """Uninitialised tensor of `shape` whose first three dims are ordered in memory as `like`'s, last dim dense
+    (a BSHD tensor viewed as BHSD gives a BSHD-ordered result, as torch's SDPA does). Poisoned under testing."""
+    order = sorted(range(3), key=lambda i: (-like.stride(i), i)) + [3]
+    return testing.poison(torch.empty_permuted(shape, order, dtype=dtype or like.dtype, device=like.device))
+
+
+def triton_runtime(kernels_module):
+    """A declaration's runtime condition for Triton kernels: `kernels_module()` returns the kernel module, whose
+    `interpreted()` says whether its kernels run in Triton's CPU interpreter."""
+    def reasons(device):
+        if device.type == "cuda":
+            return []
+        if device.type == "cpu":
+            try:
+                interp = kernels_module().interpreted()
+            except ImportError as e:  # pragma: no cover - triton is a dependency
+                return [f"triton is not importable ({e})"]
+            return [] if interp else ["CPU tensors run the Triton kernels only when they were created under "
+                                      "TRITON_INTERPRET=1 (set it before tlv_fast.kernels is imported)"]
+        return [f"device type {device.type!r} is not supported by the Triton kernels (cuda, or cpu interpreted)"]
+    return reasons
+
+
+def check_precision(op, fp32_precision):
+    if fp32_precision not in PRECISIONS:
+        raise ValueError(f"{op}: fp32_precision must be 'ieee' or 'tf32', got {fp32_precision!r}")
