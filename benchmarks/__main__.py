@@ -1,6 +1,6 @@
 """Benchmark runner: providers side by side in one run; prints a table, writes a CSV and a PNG.
 
-    python -m benchmarks attention --preset milestone          # the issue's shape, every provider
+    python -m benchmarks attention --preset milestone          # B=4 H=16 N=4096, every provider
     python -m benchmarks attention --preset sweep --dtype fp16  # N = 512..16384
     python -m benchmarks attention --preset models              # ViT / BERT / GPT-decode / STTR shapes
     python -m benchmarks sinkhorn --preset h200 --dtype fp32    # 960 problems of 321 x 321, 10 iterations

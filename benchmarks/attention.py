@@ -43,7 +43,7 @@ class Case:
 
 def presets(name):
     modes = ("fwd", "fwd+bwd")
-    if name == "milestone":  # the milestone shape: B=4, H=16, N=4096
+    if name == "milestone":  # the milestone shape: B=4, H=16, N=4096
         return [Case(f"B4 H16 N4096 D{d}{' causal' if c else ''}", 4, 16, 4096, 4096, d, c, mode=m)
                 for m in modes for d in (64, 128) for c in (False, True)]
     if name == "sweep":  # 16k tokens per batch, model width 2048, as FlashAttention's benchmarks

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one prepared GPU check for a lent machine, under 5 minutes: install, `pytest -m gpu`, quick benchmarks.
+# The one prepared GPU check for a GPU machine, under 5 minutes: install, `pytest -m gpu`, quick benchmarks.
 # Everything lands under $OUT (summary.txt first). Run from anywhere:  OUT=/some/dir bash benchmarks/gpu_check.sh
 # Stage budgets (seconds) add up to 300: install 15, tests 95, attention milestone 70, sinkhorn 30, relpos 30,
 # models 20, sttr 40;

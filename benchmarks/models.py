@@ -28,7 +28,7 @@ class Case:
 
 
 def presets(name):
-    if name == "anchors":  # ../shared/anchors.md "whole models"
+    if name == "anchors":  # the whole-model anchors of benchmarks/RESULTS.md
         return [Case("BERT-base fwd B32 S512", "bert", "bert-base", 32, 512),
                 Case("GPT-2 small fwd+bwd B8 S1024", "gpt", "gpt2-117m", 8, 1024, "fwd+bwd"),
                 Case("ViT-B/16 fwd B256 224", "vit", "vit-base-16", 256, 224)]

@@ -34,7 +34,7 @@ class Case:
 
 def presets(name):
     modes = ("fwd", "fwd+bwd")
-    if name == "cpu":  # the CPU comparison
+    if name == "cpu":  # the C++ CPU path against the eager loop
         return [Case("B64 321x321 it10", 64, 321, 321, mode=m) for m in modes]
     if name == "h200":  # the anchor's shape: 960 problems of 321 x 321 (STTR at 960 x 540, stride 3)
         return [Case("B960 321x321 it10", 960, 321, 321, mode=m) for m in modes]

@@ -32,7 +32,7 @@ class Case:
 
 
 def presets(name):
-    if name == "h200":  # the targets: 960 x 540 inference side by side, 1080p inside 10 GB, training crops
+    if name == "h200":  # 960 x 540 inference side by side, 1080p (target: under 10 GB), a training step on crops
         return [Case("960x540 s3", 540, 960), Case("640x384 s3", 384, 640, "train"),
                 Case("1920x1080 s3", 1080, 1920)]
     if name == "smoke":

@@ -1,4 +1,4 @@
-"""STTR's relative-position attention (Li et al., 2021; sttr-spec section 2) in Triton, forward and backward.
+"""STTR's relative-position attention (Li et al., 2021; docs/sttr.md §2) in Triton, forward and backward.
 
     logits[i, j] = q_i . k_j + q_i . KR[r_ij] + QR[r_ij] . k_j,     r_ij = sign * (i - j) + ROW0
 

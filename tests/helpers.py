@@ -39,8 +39,8 @@ def assert_fa_rule(actual, reference, truth, dtype, kind, name="output"):
 
 def dtype_params():
     """fp32, fp16, bf16. Under the interpreter, bf16 dots are upcast inside the kernel (Triton's interpreter computes
-    bf16 tl.dot wrongly, design.md), so there the bf16 case checks everything but the bf16 tensor-core product; the
-    interpreter also truncates fp32 -> bf16 conversions (assert_fa_rule allows for it)."""
+    bf16 tl.dot wrongly, measured; see CONTRIBUTING.md), so there the bf16 case checks everything but the bf16
+    tensor-core product; the interpreter also truncates fp32 -> bf16 conversions (assert_fa_rule allows for it)."""
     bf16 = pytest.param(torch.bfloat16, id="bf16-interp-upcast" if INTERPRETED else "bf16")
     return [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16"), bf16]
 
@@ -144,7 +144,7 @@ def assert_close(actual, expected, kind="fwd", name="", dtype=None):
 
 
 def spec_relpos_mha(mha, x_q, x_kv, sign, mask, pos_scale):
-    """Eager transcription of sttr-spec 2.1-2.2 with per-pair positional encodings p_ij (N x N x C), for a
+    """Eager transcription of docs/sttr.md §2.1-2.2 with per-pair positional encodings p_ij (N x N x C), for a
     RelativeMultiheadAttention `mha` on batch-first (R, N, C) inputs: (out_proj(out), head-summed logits)."""
     C, H = mha.embed_dim, mha.num_heads
     d = C // H

@@ -115,7 +115,7 @@ def optimal_transport(attn, phi, iters=10, order="col_first"):
 
 
 def relpos_attention(q, k, v, qr, kr, offset_sign=1, mask_upper=False, return_logits=False):
-    """STTR's relative-position attention (Li et al. 2021; sttr-spec section 2), eagerly.
+    """STTR's relative-position attention (Li et al. 2021; docs/sttr.md §2), eagerly.
 
     q (B, H, Nq, d), k (B, H, Nk, d), v (B, H, Nk, dv); qr, kr (Nq + Nk - 1, H, d) projected positional tables
     indexed by relpos_rows. logits[b, h, i, j] = q_i.k_j + q_i.kr[row_ij] + qr[row_ij].k_j (the 1/sqrt(d) is already

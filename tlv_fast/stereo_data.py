@@ -1,4 +1,4 @@
-"""Synthetic stereo pairs with exact ground truth (sttr-spec 6.3): layered random-texture stereograms.
+"""Synthetic stereo pairs with exact ground truth (docs/sttr.md §7): layered random-texture stereograms.
 
 Each layer is a blurred random texture on a support (the background everywhere, rectangles in front) at an integer
 disparity, nearer layers at larger disparities. The left image paints the layers far to near; the right image does

@@ -190,10 +190,22 @@ def test_distributed_training_matches_one_process(mode):
         assert_close(grads[k], p.grad, "bwd", name=k)
 
 
-def test_gpu_workflow_is_valid_yaml_and_runs_the_gpu_check():
+def _workflow(name):
     yaml = pytest.importorskip("yaml", reason="needs pyyaml")
-    wf = yaml.safe_load(open(os.path.join(REPO, ".github", "workflows", "gpu.yml")))
-    job = wf["jobs"]["gpu-check"]
+    with open(os.path.join(REPO, ".github", "workflows", name)) as f:
+        return yaml.safe_load(f)
+
+
+def test_gpu_workflow_is_valid_yaml_and_runs_the_gpu_check():
+    job = _workflow("gpu.yml")["jobs"]["gpu-check"]
     assert "self-hosted" in job["runs-on"] and "gpu" in job["runs-on"]
     assert any("benchmarks/gpu_check.sh" in s.get("run", "") for s in job["steps"])
     assert os.path.exists(os.path.join(REPO, "benchmarks", "gpu_check.sh"))
+
+
+def test_cpu_workflow_runs_the_ci_script_which_lints_then_tests():
+    job = _workflow("cpu.yml")["jobs"]["test"]
+    assert any(s.get("run", "").strip() == "bash .ci/run" for s in job["steps"])
+    with open(os.path.join(REPO, ".ci", "run")) as f:
+        lines = [line.strip() for line in f]
+    assert lines.index("ruff check .") < lines.index("pytest")

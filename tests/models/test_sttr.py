@@ -17,7 +17,7 @@ from helpers import REPO, assert_close, spec_relpos_mha
 
 COMPILED = {"relpos_attention": "triton", "optimal_transport": "native"}  # the kernels only, no reference fallback
 
-# Parameter counts of the published model (../shared/sttr-params.md): 303 parameters, 2,513,811 values.
+# Parameter counts of the published model (docs/sttr.md §6): 303 parameters, 2,513,811 values.
 PUBLISHED_COUNTS = {"backbone": 1_050_800, "tokenizer": 503_728, "transformer": 797_440, "regression_head": 161_843}
 BN_COUNT = 48
 
@@ -50,7 +50,7 @@ def test_parameters_match_the_published_architecture(published):
 
 
 def _published_keys():
-    """The 351 (key, shape) pairs of the published state dict (tests/data, from ../shared/sttr-params.md)."""
+    """The 351 (key, shape) pairs of the published state dict (tests/data/sttr_published_keys.txt; docs/sttr.md §6)."""
     path = os.path.join(REPO, "tests", "data", "sttr_published_keys.txt")
     out = {}
     for line in open(path):
@@ -185,7 +185,7 @@ def test_window_regression_rules():
 
 
 def _spec_logits(model, tokens_l, tokens_r, scale):
-    """Transcription of sttr-spec 1.5 (pre-LN self / cross layers, one attention module for both directions, the
+    """Transcription of docs/sttr.md §1.5 (pre-LN self / cross layers, one attention module for both directions, the
     right lines updated first and re-normalised, the last layer's left-query logits masked), each attention call
     through the spec transcription of 2.1-2.2 (helpers.spec_relpos_mha)."""
     B, C, h, w = tokens_l.shape

@@ -217,7 +217,7 @@ class STTR(Presets, nn.Module):
     @classmethod
     def from_checkpoint(cls, checkpoint, config=None, map_location="cpu", weights_only=True, **overrides):
         """Load the published weights (sceneflow_pretrained_model.pth.tar, kitti_finetuned_model.pth.tar) or any
-        state dict with the published key names (../shared/sttr-params.md).
+        state dict with the published key names (tests/data/sttr_published_keys.txt, docs/sttr.md §6).
 
         checkpoint: a path, or a dict (a state dict, or a checkpoint holding one under 'state_dict'). config:
         defaults to the published architecture with parity=True (the weights were trained with the published code's

@@ -1,5 +1,5 @@
-"""STTR's convolutional parts (sttr-spec 1.2, 1.3, 1.7): the SPP backbone, the DenseNet tokenizer and the context
-adjustment layer. Module and parameter names follow the published checkpoint (../shared/sttr-params.md), so a
+"""STTR's convolutional parts (docs/sttr.md §1.2, 1.3, 1.7): the SPP backbone, the DenseNet tokenizer and the context
+adjustment layer. Module and parameter names follow the published checkpoint (docs/sttr.md §6), so a
 state dict maps one to one; there are no running BatchNorm statistics (every BatchNorm uses batch statistics, as
 published)."""
 import math
@@ -142,7 +142,7 @@ class DoubleConv(nn.Module):
 
 
 class Tokenizer(nn.Module):
-    """Expanding path: [x, f4, f8, f16] -> tokens (2B, hidden, H, W) at full resolution (sttr-spec 1.3)."""
+    """Expanding path: [x, f4, f8, f16] -> tokens (2B, hidden, H, W) at full resolution (docs/sttr.md §1.3)."""
 
     def __init__(self, hidden_dim=128, growth=4, layers=4):
         super().__init__()
@@ -187,7 +187,7 @@ class _ResBlock(nn.Module):
 
 
 class ContextAdjustment(nn.Module):
-    """Context adjustment layer (sttr-spec 1.7): refines the normalised upsampled disparity with a residual stack
+    """Context adjustment layer (docs/sttr.md §1.7): refines the normalised upsampled disparity with a residual stack
     conditioned on the left image, and maps the upsampled raw occlusion to a probability."""
 
     def __init__(self, num_blocks=8, feat_dim=16, expansion=4):

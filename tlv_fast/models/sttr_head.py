@@ -1,4 +1,4 @@
-"""STTR's regression head (sttr-spec 3, 1.6-1.7), its losses (4.2) and metrics (4.3), as functions users call."""
+"""STTR's regression head (docs/sttr.md §1.6-1.7, §3), its losses (§4.2) and metrics (§4.3), as functions users call."""
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -10,7 +10,7 @@ from .sttr_features import ContextAdjustment
 
 
 def window_regression(plan, occ_tokens=None, parity=False, min_mass=0.1):
-    """Modified winner-take-all (sttr-spec 3.5-3.6) on a transport plan without its dustbins.
+    """Modified winner-take-all (docs/sttr.md §3.4-3.5) on a transport plan without its dustbins.
 
     Args:
         plan: (..., W', W') matching probabilities, left tokens i by right tokens j.
@@ -81,7 +81,7 @@ def _tokens(x, rows, cols):
 
 
 def gt_response(plan, disp_tokens, cols, scale, stride, parity=False):
-    """The plan's response at the ground-truth match (sttr-spec 3.7): left token i sits at full-resolution column
+    """The plan's response at the ground-truth match (docs/sttr.md §3.6): left token i sits at full-resolution column
     cols[i]; its match is at token (cols[i] - s//2 - d) / s (parity: (cols[i] - d) / scale, the published target),
     read by linear interpolation between the floor and ceil tokens (clamped to the row, as published)."""
     x = cols.to(plan.dtype)
@@ -94,7 +94,7 @@ def gt_response(plan, disp_tokens, cols, scale, stride, parity=False):
 
 
 def sttr_loss(outputs, disp, occ_mask=None, occ_mask_right=None, weights=None, parity=None):
-    """STTR's training loss (sttr-spec 4.2): relative response + smooth L1 on the raw and final disparity + binary
+    """STTR's training loss (docs/sttr.md §4.2): relative response + smooth L1 on the raw and final disparity + binary
     entropy on the occlusion, each weighted 1 by default.
 
     Args:
@@ -140,7 +140,7 @@ def sttr_loss(outputs, disp, occ_mask=None, occ_mask_right=None, weights=None, p
 
 @torch.no_grad()
 def stereo_metrics(disparity, occlusion, disp, occ_mask=None, threshold=3.0):
-    """Per-image metrics of sttr-spec 4.3, averaged over the batch (pixel counts summed).
+    """Per-image metrics of docs/sttr.md §4.3, averaged over the batch (pixel counts summed).
 
     disparity, occlusion (B, H, W) predictions; disp (B, H, W) ground truth (<= 0: none); occ_mask (B, H, W) bool.
     Returns dict: epe (mean |error| over valid pixels), error_px / total_px (valid pixels with |error| > threshold,

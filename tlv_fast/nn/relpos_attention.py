@@ -7,7 +7,7 @@ from ..ops import relpos_attention
 
 
 def sinusoidal_table(offsets, dim):
-    """STTR's positional encoding (sttr-spec 2.1) of signed offsets (any float tensor, in pixels): rows of
+    """STTR's positional encoding (docs/sttr.md §2.1) of signed offsets (any float tensor, in pixels): rows of
     PE[2m] = sin(o / t_m), PE[2m + 1] = cos(o / t_m), t_m = 10000^(2m / dim). Returns (len(offsets), dim). Computed
     in float32 with the published code's operations (a division by t_m), so its rounding is the same."""
     t = 10000 ** (torch.arange(0, dim, 2, device=offsets.device, dtype=torch.float32) / dim)
@@ -17,7 +17,7 @@ def sinusoidal_table(offsets, dim):
 
 class RelativeMultiheadAttention(nn.Module):
     """STTR's attention layer (MultiheadAttentionRelative): multi-head attention whose logits add content-dependent
-    relative-position terms, logit = q_i.k_j + q_i.kr_ij + qr_ij.k_j (sttr-spec 2.2), on the fused kernel.
+    relative-position terms, logit = q_i.k_j + q_i.kr_ij + qr_ij.k_j (docs/sttr.md §2.2), on the fused kernel.
 
     Parameters are named and shaped as in the published checkpoint (and torch.nn.MultiheadAttention):
     in_proj_weight (3C, C) = [W_q; W_k; W_v], in_proj_bias (3C), out_proj.weight (C, C), out_proj.bias (C). The

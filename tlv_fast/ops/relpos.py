@@ -83,7 +83,7 @@ _relpos_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def relpos_attention(q, k, v, qr, kr, offset_sign=1, mask_upper=False, return_logits=False, backend="auto", *,
                      fp32_precision="ieee"):
-    """Attention with STTR's content-dependent relative-position terms (sttr-spec section 2.2), fused.
+    """Attention with STTR's content-dependent relative-position terms (docs/sttr.md §2.2), fused.
 
     Args:
         q: (B, H, Nq, d) queries, already scaled by 1/sqrt(d); k: (B, H, Nk, d); v: (B, H, Nk, dv). Any strides.
