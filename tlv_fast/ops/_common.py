@@ -33,6 +33,16 @@ def triton_runtime(kernels_module):
     return reasons
 
 
+def check_tensor(op, name, t, min_ndim, shape_doc):
+    """A floating-point tensor with at least `min_ndim` dims, else TypeError / ValueError naming `name`."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.ndim < min_ndim:
+        raise ValueError(f"{op}: {name} must be {shape_doc}, got shape {tuple(t.shape)}")
+    if not t.is_floating_point():
+        raise ValueError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
+
+
 def check_precision(op, fp32_precision):
     if fp32_precision not in PRECISIONS:
         raise ValueError(f"{op}: fp32_precision must be 'ieee' or 'tf32', got {fp32_precision!r}")

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import backends, reference, testing
-from ._common import FLOAT_DTYPES, TRITON_DTYPES, check_precision, empty_layout, triton_runtime
+from ._common import FLOAT_DTYPES, TRITON_DTYPES, check_precision, check_tensor, empty_layout, triton_runtime
 
 MAX_HEAD_DIM = 256
 
@@ -105,12 +105,7 @@ _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 def _check(q, k, v, attn_mask, dropout_p, scale, gqa, fp32_precision, op):
     """Validate the public arguments; return (q, k, v, mask) as 4-D (B, H, N, D) views and the output shape."""
     for name, t in (("query", q), ("key", k), ("value", v)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.ndim < 2:
-            raise ValueError(f"{name} must have at least 2 dims (..., N, D), got shape {tuple(t.shape)}")
-        if not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        check_tensor(op, name, t, 2, "(..., N, D) with at least 2 dims")
         if t.dtype != q.dtype:
             raise ValueError(f"query, key and value must share a dtype, got query {q.dtype} and {name} {t.dtype}")
         if t.device != q.device:

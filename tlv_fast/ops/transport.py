@@ -7,7 +7,7 @@ from torch import Tensor
 
 from .. import _ext, backends, reference
 from ..formulas import dustbin_marginals
-from ._common import FLOAT_DTYPES
+from ._common import FLOAT_DTYPES, check_tensor
 
 _ORDERS = ("col_first", "row_first")
 _registered = False
@@ -77,12 +77,7 @@ def _run(op, scores3, log_mu2, log_nu2, bin_score, iters, col_first, exp_log_sca
 
 
 def _check_common(op, scores, iters, order):
-    if not isinstance(scores, Tensor):
-        raise TypeError(f"{op}: scores must be a torch.Tensor, got {type(scores).__name__}")
-    if scores.ndim < 2:
-        raise ValueError(f"{op}: scores must be (..., M, N), got shape {tuple(scores.shape)}")
-    if not scores.is_floating_point():
-        raise ValueError(f"{op}: scores must be floating point, got {scores.dtype}")
+    check_tensor(op, "scores", scores, 2, "(..., M, N)")
     if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
         raise ValueError(f"{op}: iters must be an int >= 1, got {iters!r}")
     if order not in _ORDERS:
