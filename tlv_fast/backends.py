@@ -82,7 +82,7 @@ class Implementation:
         missing = sorted(inputs.features & self.unsupported)
         if missing:
             reasons.append("unsupported features: " + ", ".join(missing))
-        if self.runtime is not None:
+        if self.runtime is not None and not reasons:  # only when it matters: it may build or import something
             reasons += self.runtime(inputs.device)
         return reasons
 

@@ -56,7 +56,12 @@ def _register():
 
 
 def _native_runtime(device):
-    return _ext.compiler_reasons("cuda" if device.type == "cuda" else "cpu")
+    """The extension loads (built on first use); a build that fails says why, once per process."""
+    try:
+        _ext.load("cuda" if device.type == "cuda" else "cpu")
+    except _ext.BuildError as e:
+        return [str(e)]
+    return []
 
 
 FAMILY = backends.family("sinkhorn", public=("sinkhorn", "optimal_transport"),
