@@ -15,11 +15,12 @@ from helpers import DEVICE, REPO
 
 
 def test_readme_table_is_generated_from_the_declarations():
-    readme = open(f"{REPO}/README.md").read()
+    with open(f"{REPO}/README.md") as f:
+        readme = f.read()
     m = re.search(r"<!-- backends:begin -->\n(.*?)\n<!-- backends:end -->", readme, re.S)
     assert m, "README lacks the generated backend table markers"
     assert m.group(1).strip() == backends.markdown_table(), "README's backend table is stale: paste " \
-        "`python -m tlv_fast.backends`"
+        "`python -m tlv_fast.backend_table`"
 
 
 def test_every_family_declares_reference_and_its_auto_order():

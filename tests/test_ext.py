@@ -90,6 +90,7 @@ def _run(cache, *args, env=None, timeout=600):
         out, err = p.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
         pytest.fail(f"no result after {timeout} s: the build or its lock waits unboundedly")
     assert p.returncode == 0, err[-3000:]
     return out, err
@@ -163,7 +164,7 @@ def test_builds_killed_midway_leave_nothing_that_blocks_the_next(prebuilt, tmp_p
         _wait_for(p, "compiling the cpu extension")
         time.sleep(3)  # inside the compiler, torch's own build lock taken
         os.killpg(p.pid, sig)
-        p.wait(timeout=60)
+        p.communicate(timeout=60)  # reaps it and closes its pipes
         assert os.path.exists(os.path.join(_build_folder(cache), "lock")), "torch's build lock was not left behind"
     out, err = _run(cache, timeout=600)
     assert out == _want(prebuilt) and "compiling" in err

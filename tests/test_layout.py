@@ -14,7 +14,8 @@ LAYERS = ["kernels", "ops", "nn", "models"]  # a layer may import only layers to
 
 
 def _imports(path):
-    tree = ast.parse(open(path).read(), path)
+    with open(path) as f:
+        tree = ast.parse(f.read(), path)
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
@@ -100,3 +101,50 @@ def test_import_is_cheap_and_touches_no_gpu():
                "print('triton' in sys.modules, torch.cuda.is_initialized())", REPO)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == ["False", "False"], res.stdout
+
+
+# README's "What happens on bad input": every row is exercised by the tests named here (which must exist)
+_API, _SK = "ops/test_attention_api.py::", "ops/test_sinkhorn.py::"
+BAD_INPUT_TESTS = {
+    "`scaled_dot_product_attention`, `attention`": [
+        _API + "test_bad_input_raises_naming_the_argument", _API + "test_head_dim_zero_says_so",
+        _API + "test_second_order_gradients_through_the_kernel_raise"],
+    "`relpos_attention`": ["ops/test_relpos.py::test_bad_input",
+                           "ops/test_relpos.py::test_second_order_gradients_through_the_kernel_raise"],
+    "`sinkhorn`, `optimal_transport`": [
+        _SK + "test_bad_input", _SK + "test_empty_problems_give_empty_plans",
+        _SK + "test_zero_marginals_run_on_the_reference_with_a_warning_and_native_says_why",
+        _SK + "test_second_order_gradients_raise_on_native_and_work_on_the_reference"],
+    "`nn.MultiheadAttention`": ["nn/test_mha.py::test_shape_rules_match_torch",
+                                "nn/test_mha.py::test_empty_batch_gives_empty_outputs_like_torch"],
+    "`patch`, `sdpa_override`, `register_hf`, modules, model configs": [
+        "test_backends.py::test_unknown_names_raise_everywhere_at_construction",
+        "models/test_models.py::test_configs_reject_sizes_below_one"],
+    "`GPT`, `BERT`, `ViT` forward and `generate`": [
+        "models/test_models.py::test_gpt_bad_input", "models/test_models.py::test_bert_bad_input",
+        "models/test_models.py::test_vit_rejects_images_the_patches_do_not_tile"],
+    "`STTR` forward, `from_checkpoint`, `sttr_loss`, `stereo_metrics`": [
+        "models/test_sttr.py::test_bad_inputs_say_what_is_wrong",
+        "models/test_sttr.py::test_from_checkpoint_on_files_that_hold_no_state_dict",
+        "models/test_sttr.py::test_loss_without_valid_pixels_is_zero_with_zero_gradient",
+        "models/test_sttr.py::test_metrics_average_over_the_images_that_have_ground_truth"],
+    "the C++/CUDA extension (`native`)": [
+        "test_ext.py::test_a_compiler_that_fails_falls_back_under_auto_and_raises_when_asked",
+        "test_ext.py::test_an_empty_read_only_cache_falls_back_or_says_why"],
+    "`python -m tlv_fast.demo stereo`": ["models/test_sttr.py::test_demo_refuses_bad_arguments_before_training"],
+}
+
+
+def test_every_bad_input_row_of_readme_has_its_tests():
+    with open(os.path.join(REPO, "README.md")) as f:
+        text = f.read()
+    section = text.split("## What happens on bad input", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1].strip() for line in section.splitlines()
+            if line.startswith("| ") and not line.startswith("| entry point")]
+    assert rows and set(rows) == set(BAD_INPUT_TESTS), set(rows) ^ set(BAD_INPUT_TESTS)
+    for row, tests in BAD_INPUT_TESTS.items():
+        for test in tests:
+            path, name = test.split("::")
+            with open(os.path.join(REPO, "tests", path)) as f:
+                names = {n.name for n in ast.walk(ast.parse(f.read())) if isinstance(n, ast.FunctionDef)}
+            assert name in names, f"{row}: {test} does not exist"

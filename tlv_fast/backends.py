@@ -14,8 +14,8 @@ A backend may also be given per op family as a mapping, ``{"relpos_attention": "
 
 Each backend of each op family declares its capabilities once, next to its implementation, as an
 :class:`Implementation` (devices and dtypes, head dims, features, runtime conditions) in the way xformers' fmha
-operators declare theirs; :func:`choose` reads those declarations. ``python -m tlv_fast.backends`` prints the
-table README carries (a test keeps the two equal).
+operators declare theirs; :func:`choose` reads those declarations. ``python -m tlv_fast.backend_table`` prints
+the table README carries (a test keeps the two equal).
 """
 import dataclasses
 import os
@@ -81,7 +81,8 @@ class Implementation:
             reasons.append(f"head dim {inputs.head_dim} > {self.max_head_dim}")
         missing = sorted(inputs.features & self.unsupported)
         if missing:
-            reasons.append("unsupported features: " + ", ".join(missing))
+            described = FAMILIES[self.family].features
+            reasons.append("unsupported: " + ", ".join(described.get(f, f) for f in missing))
         if self.runtime is not None and not reasons:  # only when it matters: it may build or import something
             reasons += self.runtime(inputs.device)
         return reasons
@@ -93,7 +94,7 @@ class Family:
     name: str
     public: tuple
     auto: Mapping[str, tuple]
-    features: tuple = ()
+    features: dict = dataclasses.field(default_factory=dict)  # name -> what it means, for messages
     implementations: dict = dataclasses.field(default_factory=dict)
 
     def declare(self, impl: Implementation) -> Implementation:
@@ -111,10 +112,11 @@ _PUBLIC = {}    # public op name -> family name
 
 
 def family(name, public, auto, features=()):
-    """Declare an op family once (its module does, at import)."""
+    """Declare an op family once (its module does, at import). features: names, or {name: description}."""
     fam = FAMILIES.get(name)
     if fam is None:
-        fam = FAMILIES[name] = Family(name, tuple(public), dict(auto), tuple(features))
+        described = dict(features) if isinstance(features, Mapping) else {f: f for f in features}
+        fam = FAMILIES[name] = Family(name, tuple(public), dict(auto), described)
         for p in (name, *public):
             _PUBLIC[p] = name
     return fam
@@ -256,7 +258,8 @@ def _cell(impl, kind):
     if impl.max_head_dim is not None:
         parts.append(f"head dim ≤ {impl.max_head_dim}")
     if impl.unsupported:
-        parts.append("no " + ", ".join(sorted(impl.unsupported)))
+        described = FAMILIES[impl.family].features
+        parts.append("no " + ", ".join(described.get(f, f) for f in sorted(impl.unsupported)))
     if kind in impl.notes:
         parts.append(impl.notes[kind])
     return "; ".join(parts)
@@ -284,8 +287,3 @@ def markdown_table():
             lines.append(f"| {ops if i == 0 else ''} | `{name}`{summary} | {_cell(impl, 'cuda')} | "
                          f"{_cell(impl, 'cpu')} | {_auto_cell(fam, name)} |")
     return "\n".join(lines)
-
-
-if __name__ == "__main__":  # run as a script this file is __main__: ask the imported module, which the ops fill
-    from tlv_fast import backends as _self
-    print(_self.markdown_table())

@@ -7,6 +7,7 @@ then writes a PNG (left image | ground-truth disparity | predicted disparity | p
 """
 import argparse
 import json
+import os
 import struct
 import sys
 import time
@@ -125,7 +126,40 @@ def main(argv=None):
     p.add_argument("--out", default="stereo_demo.png", help="PNG path")
     p.add_argument("--json", help="also write the metrics as JSON here")
     args = parser.parse_args(argv)
+    _check_args(parser, args)
     return stereo(args)
+
+
+def _check_args(parser, args):
+    """User errors become one line and exit status 2 (argparse's convention), before any training starts."""
+    for name in ("batch", "stride", "max_disparity"):
+        value = getattr(args, name)
+        if value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    for name in ("height", "width"):
+        value = getattr(args, name)
+        if value is not None and value < 121:
+            parser.error(f"--{name} must be >= 121 (the model's minimum image size), got {value}")
+    if args.seconds is not None and not args.seconds >= 0:
+        parser.error(f"--seconds must be >= 0, got {args.seconds}")
+    if not args.lr > 0:
+        parser.error(f"--lr must be > 0, got {args.lr}")
+    if args.device is not None:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError as e:
+            parser.error(f"--device {args.device!r} is not a device ({e})")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            parser.error(f"--device {args.device}: CUDA is not available here (torch {torch.__version__}); use "
+                         "--device cpu")
+        if device.type not in ("cpu", "cuda"):
+            parser.error(f"--device must be cpu or cuda, got {args.device!r}")
+    for flag, path in (("--out", args.out), ("--json", args.json)):
+        if path is None:
+            continue
+        folder = os.path.dirname(os.path.abspath(path)) or "."
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK) or os.path.isdir(path):
+            parser.error(f"{flag} {path}: cannot write there (the folder {folder} is missing or not writable)")
 
 
 if __name__ == "__main__":

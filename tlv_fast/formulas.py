@@ -26,6 +26,17 @@ def add_dustbins(scores, phi):
     return torch.cat([torch.cat([scores, phi.expand(*batch, m, 1)], -1), phi.expand(*batch, 1, n + 1)], -2)
 
 
+def empty_transport(attn, phi):
+    """The dustbin plan of an empty problem (M = 0 or N = 0), scaled like optimal_transport's: every real row and
+    column is matched to its dustbin (T = 1), the dustbin corner carries nothing (T = 0). (..., M+1, N+1), with a
+    gradient of 0 for attn and phi."""
+    *batch, m, n = attn.shape
+    t = torch.zeros(*batch, m + 1, n + 1, dtype=attn.dtype, device=attn.device)
+    t[..., :m, n] = 1.0
+    t[..., m, :n] = 1.0
+    return t + 0.0 * (attn.sum() + phi.to(attn.dtype))  # joins the graph so that gradients are defined (zero)
+
+
 def relpos_rows(n_q, n_k, offset_sign, device=None):
     """(Nq, Nk) table row used by query i and key j in relative-position attention: the offset
     delta = offset_sign * (i - j) shifted to start at 0, i.e. row = delta + (Nk - 1) for offset_sign = +1 and

@@ -7,10 +7,10 @@ import math
 
 import torch
 
-from tlv_fast.formulas import add_dustbins, dustbin_marginals, relpos_rows
+from tlv_fast.formulas import add_dustbins, dustbin_marginals, empty_transport, relpos_rows
 
 __all__ = ["attention", "sinkhorn", "optimal_transport", "relpos_attention", "add_dustbins", "dustbin_marginals",
-           "relpos_rows"]
+           "empty_transport", "relpos_rows"]
 
 
 def attention(q, k, v, attn_mask=None, dropout_p=0.0, causal=None, scale=None, return_lse=False,
@@ -29,9 +29,12 @@ def attention(q, k, v, attn_mask=None, dropout_p=0.0, causal=None, scale=None, r
         dropout_mask: bool keep mask broadcastable to (..., Hq, Nq, Nk); replaces random dropout (tests).
         return_weights: also return the attention weights (..., Hq, Nq, Nk) as applied to v (after dropout).
 
-    Scores are formed in the input dtype, the softmax in fp32 for 16-bit inputs (as eager attention usually is)
-    and in the input dtype otherwise, the product with v in the input dtype. A row in which every key is masked gives
-    output 0, gradient 0 and lse -inf.
+    Scores are formed in the input dtype (q and k each scaled by sqrt(scale) first, as torch's math path does), the
+    softmax in fp32 for 16-bit inputs (as eager attention usually is) and in the input dtype otherwise, the product
+    with v in the input dtype. Masks are additive, as in torch: a bool mask adds -inf where False, so a NaN score
+    (NaN or inf in q or k) of a masked-out key still makes its row NaN; the causal mask replaces scores instead
+    (those keys are never read by the kernels). A row in which every key is masked gives output 0, gradient 0 and
+    lse -inf.
     """
     d = q.shape[-1]
     n_q, n_k = q.shape[-2], k.shape[-2]
@@ -40,12 +43,16 @@ def attention(q, k, v, attn_mask=None, dropout_p=0.0, causal=None, scale=None, r
     if group != 1:
         k = k.repeat_interleave(group, dim=-3)
         v = v.repeat_interleave(group, dim=-3)
-    scores = (q @ k.transpose(-2, -1)) * scale  # (..., Hq, Nq, Nk)
+    # scale before the product (sqrt(scale) on each side, as torch's math path): q.k of large 16-bit inputs would
+    # overflow before a scale applied afterwards could bring it back into range
+    root = math.sqrt(scale) if scale > 0 else None
+    scores = (q * root) @ (k.transpose(-2, -1) * root) if root else (q @ k.transpose(-2, -1)) * scale
     if attn_mask is not None:
+        # masks are additive (bool False = -inf), so a NaN score of a masked-out key stays NaN, as in torch
         if attn_mask.dtype == torch.bool:
-            scores = scores.masked_fill(~attn_mask, float("-inf"))
-        else:
-            scores = scores + attn_mask.to(scores.dtype)
+            attn_mask = torch.zeros((), dtype=scores.dtype, device=scores.device).masked_fill(~attn_mask,
+                                                                                              float("-inf"))
+        scores = scores + attn_mask.to(scores.dtype)
     if causal is not None:
         offset = {"top_left": 0, "bottom_right": n_k - n_q}[causal]
         i = torch.arange(n_q, device=q.device)[:, None]
@@ -84,8 +91,8 @@ def sinkhorn(scores, log_mu, log_nu, iters=10, order="col_first"):
     empty_col = neg_inf.all(dim=-2)  # (..., N)
     s_row = scores.masked_fill(empty_row[..., :, None], 0.0)
     s_col = scores.masked_fill(empty_col[..., None, :], 0.0)
-    u = torch.zeros_like(scores[..., :, 0])
-    v = torch.zeros_like(scores[..., 0, :])
+    u = scores.new_zeros(scores.shape[:-1])                    # (..., M)
+    v = scores.new_zeros(scores.shape[:-2] + scores.shape[-1:])  # (..., N)
 
     def row(v):
         return torch.where(empty_row, 0.0, log_mu - torch.logsumexp(s_row + v[..., None, :], dim=-1))
@@ -106,8 +113,11 @@ def sinkhorn(scores, log_mu, log_nu, iters=10, order="col_first"):
 def optimal_transport(attn, phi, iters=10, order="col_first"):
     """STTR's optimal-transport head: append a dustbin row and column filled with the scalar `phi`, run `iters`
     log-domain Sinkhorn iterations with dustbin marginals, return the transport plan scaled so that every real row
-    sums to 1: T = exp(log plan + log(M + N)), shape (..., M+1, N+1). Masked scores are -inf (T = 0 there)."""
+    sums to 1: T = exp(log plan + log(M + N)), shape (..., M+1, N+1). Masked scores are -inf (T = 0 there).
+    With M = 0 or N = 0 every real row and column goes to its dustbin: T = 1 there, the corner 0."""
     *batch, m, n = attn.shape
+    if m == 0 or n == 0:
+        return empty_transport(attn, phi)
     scores = add_dustbins(attn, phi)
     log_mu, log_nu = dustbin_marginals(m, n, attn.dtype, attn.device)
     log_plan = sinkhorn(scores, log_mu.expand(*batch, m + 1), log_nu.expand(*batch, n + 1), iters, order)

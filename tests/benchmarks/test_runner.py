@@ -24,7 +24,8 @@ def test_runner_smoke_writes_table_csv_and_png(tmp_path, op, stem, providers, un
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert unit in res.stdout
     assert ("NOT SPEED" in res.stdout) == (op != "sinkhorn")  # the C++ Sinkhorn path is what runs on CPUs
-    rows = list(csv.DictReader(open(tmp_path / f"{stem}.csv")))
+    with open(tmp_path / f"{stem}.csv") as f:
+        rows = list(csv.DictReader(f))
     assert {r["provider"] for r in rows} == providers
     assert all(r["status"] == "ok" and float(r["ms"]) > 0 for r in rows)
     assert all(float(r["max_err"]) < 0.05 for r in rows if r.get("max_err"))  # every provider computed the op

@@ -107,6 +107,29 @@ def test_patch_transformer_encoder(monkeypatch, training):
     assert len(calls) >= 6  # the swapped attention ran (eval mode included: torch's fast path stays off)
 
 
+def test_patch_keeps_parameters_sharing_freezing_hooks_and_optimizers():
+    torch.manual_seed(0)
+    shared = nn.MultiheadAttention(16, 2).to(DEVICE)
+    shared.in_proj_weight.requires_grad_(False)
+    seen = []
+    shared.register_forward_hook(lambda m, args, out: seen.append(1))
+    model = nn.ModuleDict({"a": shared, "b": nn.Sequential(shared)})
+    params = {id(p) for p in model.parameters()}
+    count = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    assert tlv_fast.patch(model, backend="reference") is model
+    assert model["a"] is model["b"][0] is shared and type(shared) is tlv_fast.nn.MultiheadAttention
+    assert {id(p) for p in model.parameters()} == params and sum(p.numel() for p in model.parameters()) == count
+    assert not shared.in_proj_weight.requires_grad and shared.out_proj.weight.requires_grad
+    before = shared.out_proj.weight.detach().clone()
+    x = torch.randn(5, 3, 16, device=DEVICE)
+    shared(x, x, x, need_weights=False)[0].square().sum().backward()
+    opt.step()
+    assert seen and not torch.equal(shared.out_proj.weight, before), "the optimizer built before patch() trains it"
+    tlv_fast.patch(model, backend="triton")  # again: only the backend changes
+    assert shared.backend == "triton" and {id(p) for p in model.parameters()} == params
+
+
 class NanoAttention(nn.Module):
     """nanoGPT-style code calling F.scaled_dot_product_attention directly."""
 

@@ -79,3 +79,55 @@ def test_models_triton_equals_reference(name):
         model = cls.from_preset("tiny", backend=backend, device="cuda").eval()
         outs.append(model(x)[key])
     assert_close(outs[0], outs[1], name=name)
+
+
+# ---- bad input says what is wrong ------------------------------------------------------------------------------
+def _gpt():
+    torch.manual_seed(0)
+    return GPT.from_preset("tiny").eval()
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda m, ids: m(ids[0]), "input_ids must be \\(batch, tokens\\)"),
+    (lambda m, ids: m(ids.float()), "integer token ids"),
+    (lambda m, ids: m(torch.zeros(1, 200, dtype=torch.long)), "max_positions"),
+    (lambda m, ids: m.generate(ids[:, :0], 3), "at least 1 token"),
+    (lambda m, ids: m.generate(ids, -1), "max_new_tokens"),
+    (lambda m, ids: m.generate(ids, 3, top_k=0), "top_k"),
+    (lambda m, ids: m.generate(ids, 3, top_p=0.0), "top_p"),
+    (lambda m, ids: m.generate(ids, 3, top_p=1.5), "top_p"),
+    (lambda m, ids: m.generate(ids, 3, do_sample=True, temperature=0.0), "temperature"),
+    (lambda m, ids: m.generate(ids, 3, attention_mask=torch.ones(2, 5)), "attention_mask"),
+], ids=["1-D ids", "float ids", "too long", "empty prompt", "negative new tokens", "top_k 0", "top_p 0", "top_p 1.5",
+        "temperature 0", "mask shape"])
+def test_gpt_bad_input(call, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        call(_gpt(), torch.randint(0, 256, (2, 6)))
+
+
+def test_gpt_generate_zero_tokens_returns_the_prompt():
+    ids = torch.randint(0, 256, (2, 6))
+    assert torch.equal(_gpt().generate(ids, 0), ids)
+
+
+@pytest.mark.parametrize("ids,match", [(torch.zeros(1, 200, dtype=torch.long), "max_positions"),
+                                       (torch.zeros(1, 0, dtype=torch.long), "at least 1 token"),
+                                       (torch.zeros(7, dtype=torch.long), "\\(batch, tokens\\)")])
+def test_bert_bad_input(ids, match):
+    with pytest.raises(ValueError, match=match):
+        BERT.from_preset("tiny")(ids)
+
+
+def test_vit_rejects_images_the_patches_do_not_tile():
+    with pytest.raises(ValueError, match="multiples of 8"):
+        ViT.from_preset("tiny")(torch.randn(1, 3, 36, 36))  # a patch convolution would drop 4 pixels silently
+    with pytest.raises(ValueError, match="3 channels"):
+        ViT.from_preset("tiny")(torch.randn(1, 1, 32, 32))
+
+
+@pytest.mark.parametrize("cls,field", [(GPTConfig, "dim"), (BERTConfig, "num_heads"), (ViTConfig, "patch_size")])
+def test_configs_reject_sizes_below_one(cls, field):
+    with pytest.raises(ValueError, match=field):
+        cls(**{field: 0})
+    with pytest.raises(ValueError, match="divisible"):
+        cls(dim=30, num_heads=4)

@@ -53,7 +53,9 @@ def _published_keys():
     """The 351 (key, shape) pairs of the published state dict (tests/data/sttr_published_keys.txt; docs/sttr.md §6)."""
     path = os.path.join(REPO, "tests", "data", "sttr_published_keys.txt")
     out = {}
-    for line in open(path):
+    with open(path) as f:
+        lines = f.readlines()
+    for line in lines:
         if line.strip() and not line.startswith("#"):
             key, shape = line.split()
             out[key] = () if shape == "-" else tuple(int(x) for x in shape.split(","))
@@ -365,6 +367,57 @@ def test_softmax_regression_head():
     logits = out["logits"][0]
     phi = model.regression_head.phi
     torch.testing.assert_close(out["transport"][0], add_dustbins(logits, phi).softmax(-1))
+
+
+# ---- bad input and degenerate data -------------------------------------------------------------------------
+def test_bad_inputs_say_what_is_wrong(published):
+    x = torch.zeros(1, 3, 128, 128)
+    with pytest.raises(ValueError, match="at least one stereo pair"):
+        published(x[:0], x[:0])
+    with pytest.raises(ValueError, match="model's dtype torch.float32"):
+        published(x.double(), x.double())
+    with pytest.raises(ValueError, match="occ_mask must be a bool tensor"):
+        published(x, x, occ_mask=torch.zeros(1, 128, 128))
+
+
+def test_loss_without_valid_pixels_is_zero_with_zero_gradient():
+    torch.manual_seed(0)
+    model = STTR.from_preset("tiny", stride=4).train()
+    left, right, _ = _pair(1, 128, 128, seed=11)
+    losses = sttr_loss(model(left, right), torch.zeros(1, 128, 128))  # no ground truth anywhere
+    assert all(torch.isfinite(v) for v in losses.values()) and losses["loss"].item() == 0.0
+    losses["loss"].backward()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_metrics_average_over_the_images_that_have_ground_truth():
+    disp = torch.zeros(2, 8, 8)
+    disp[1] = 5.0
+    m = stereo_metrics(torch.full((2, 8, 8), 6.0), torch.zeros(2, 8, 8), disp)
+    assert m["epe"] == 1.0 and m["total_px"] == 64
+    assert math.isnan(stereo_metrics(torch.ones(1, 8, 8), torch.zeros(1, 8, 8), torch.zeros(1, 8, 8))["epe"])
+
+
+@pytest.mark.parametrize("content", ["empty", "tensor", "list", "not a state dict"])
+def test_from_checkpoint_on_files_that_hold_no_state_dict(tmp_path, content):
+    path = tmp_path / "ckpt.pth"
+    if content == "empty":
+        path.write_bytes(b"")
+    else:
+        torch.save({"tensor": torch.zeros(3), "list": [1, 2], "not a state dict": {"a": 1}}[content], path)
+    with pytest.raises(RuntimeError, match=f"checkpoint {path}"):
+        STTR.from_checkpoint(str(path))
+
+
+@pytest.mark.parametrize("args,match", [(["--batch", "0"], "--batch must be >= 1"),
+                                        (["--seconds", "-5"], "--seconds must be >= 0"),
+                                        (["--out", "/nonexistent/demo.png"], "cannot write there"),
+                                        (["--height", "64"], "--height must be >= 121")])
+def test_demo_refuses_bad_arguments_before_training(args, match, capsys):
+    from tlv_fast.demo import main
+    with pytest.raises(SystemExit) as e:
+        main(["stereo", "--preset", "tiny", "--device", "cpu", *args])
+    assert e.value.code == 2 and match in capsys.readouterr().err
 
 
 @pytest.mark.gpu

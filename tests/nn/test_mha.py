@@ -98,3 +98,52 @@ def test_same_state_dict_keys_and_training_dropout():
     assert not torch.allclose(a, b)  # dropout is on in training mode
     ours.eval()
     assert_close(ours(*inputs, need_weights=False)[0], ref.eval()(*inputs, need_weights=False)[0], name="eval")
+
+
+# ---- torch's shape rules: where torch raises, so does the drop-in (with a message naming the argument) --------
+def _shape_cases():
+    def seq(n, b=N, e=E):
+        return (n, b, e)
+    return {
+        "query/key batch": (seq(L), seq(S, 2), seq(S, 2), {}),
+        "key/value batch": (seq(L), seq(S), seq(S, 2), {}),
+        "key/value length": (seq(L), seq(S), seq(S - 1), {}),
+        "query embed": (seq(L, e=E + 1), seq(S), seq(S), {}),
+        "key embed": (seq(L), seq(S, e=E + 2), seq(S), {}),
+        "2-D query, 3-D key": ((L, E), seq(S), seq(S), {}),
+        "3-D query, 2-D value": (seq(L), seq(S), (S, E), {}),
+        "4-D query": ((L, N, 1, E), (S, N, 1, E), (S, N, 1, E), {}),
+        "kpm shape": (seq(L), seq(S), seq(S), {"key_padding_mask": torch.zeros(N, S - 1, dtype=torch.bool)}),
+        "kpm 3-D": (seq(L), seq(S), seq(S), {"key_padding_mask": torch.zeros(N, 1, S, dtype=torch.bool)}),
+        "kpm int": (seq(L), seq(S), seq(S), {"key_padding_mask": torch.zeros(N, S, dtype=torch.int64)}),
+        "mask 2-D shape": (seq(L), seq(S), seq(S), {"attn_mask": torch.zeros(L, S + 1)}),
+        "mask 3-D shape": (seq(L), seq(S), seq(S), {"attn_mask": torch.zeros(N, L, S)}),
+        "mask 4-D": (seq(L), seq(S), seq(S), {"attn_mask": torch.zeros(N, H, L, S)}),
+        "mask int": (seq(L), seq(S), seq(S), {"attn_mask": torch.zeros(L, S, dtype=torch.int64)}),
+        "unbatched 3-D mask shape": ((L, E), (S, E), (S, E), {"attn_mask": torch.zeros(1, L, S)}),
+        "causal hint without a mask": (seq(L), seq(L), seq(L), {"is_causal": True}),
+    }
+
+
+@pytest.mark.parametrize("name", list(_shape_cases()))
+def test_shape_rules_match_torch(name):
+    q, k, v, kw = _shape_cases()[name]
+    ref, ours = _pair("reference")
+    x = [torch.randn(s, device=DEVICE) for s in (q, k, v)]
+    kw = {key: t.to(DEVICE) if isinstance(t, torch.Tensor) else t for key, t in kw.items()}
+    with pytest.raises(Exception):  # noqa: B017  (torch raises AssertionError or RuntimeError)
+        ref(*x, **kw)
+    with pytest.raises((ValueError, RuntimeError)) as err:
+        ours(*x, **kw)
+    assert any(word in str(err.value) for word in ("query", "key", "value", "mask", "is_causal")), str(err.value)
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_empty_batch_gives_empty_outputs_like_torch(need_weights, batch_first):
+    ref, ours = _pair("reference", batch_first=batch_first)
+    shape = (0, L, E) if batch_first else (L, 0, E)
+    x = torch.randn(shape, device=DEVICE)
+    want, got = ref(x, x, x, need_weights=need_weights), ours(x, x, x, need_weights=need_weights)
+    assert got[0].shape == want[0].shape
+    assert (got[1] is None) == (want[1] is None) and (got[1] is None or got[1].shape == want[1].shape)

@@ -157,3 +157,55 @@ def test_opcheck_forward_and_backward_ops():
                           (torch.randn_like(out), None, q.detach(), k.detach(), v.detach(), out.detach(),
                            lse.detach(), mask.detach(), None, 0.25, "top_left", 0.0, "ieee", True),
                           test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+# ---- torch's numerical rules on every backend ----------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_large_16bit_inputs_do_not_overflow(backend, dtype):
+    """q = k = v = 40 with D = 64: q.k = 102400 overflows fp16 unless the scale is applied first (torch's math
+    path scales q and k by sqrt(scale)); the result is 40 everywhere."""
+    q = torch.full((1, 2, 8, 64), 40.0, device=DEVICE, dtype=dtype)
+    ours = tlv_fast.scaled_dot_product_attention(q, q, q, backend=backend)
+    theirs = F.scaled_dot_product_attention(q, q, q)
+    assert torch.isfinite(ours).all()
+    assert_close(ours, theirs, name="large inputs")
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_nan_in_a_masked_out_key_propagates_as_in_torch(backend, kind):
+    """Masks are additive (bool False = -inf): a NaN score stays NaN (NaN + -inf = NaN), as in torch."""
+    q, k, v = make_qkv(1, 2, 5, 6, 16, requires_grad=False)
+    k[0, 0, 5] = float("nan")
+    keep = torch.ones(1, 1, 1, 6, dtype=torch.bool, device=DEVICE)
+    keep[..., 5] = False
+    mask = keep if kind == "bool" else torch.zeros(keep.shape, device=DEVICE).masked_fill(~keep, float("-inf"))
+    ours = tlv_fast.scaled_dot_product_attention(q, k, v, attn_mask=mask, backend=backend)
+    theirs = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    assert torch.equal(torch.isnan(ours), torch.isnan(theirs)) and torch.isnan(ours[0, 0]).all()
+    assert not torch.isnan(ours[0, 1]).any()  # the other head never saw the NaN
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_keys_outside_the_causal_window_are_removed(backend):
+    """The causal mask removes keys rather than adding -inf: a NaN key a query cannot see does not reach it."""
+    q, k, v = make_qkv(1, 1, 6, 6, 16, requires_grad=False)
+    k[0, 0, 5] = float("nan")
+    out = tlv_fast.attention(q, k, v, causal=True, backend=backend)
+    assert torch.isfinite(out[0, 0, :5]).all() and torch.isnan(out[0, 0, 5]).all()
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_head_dim_zero_says_so(backend):
+    q = torch.zeros(1, 1, 4, 0, device=DEVICE)
+    with pytest.raises(ValueError, match="head dims must be >= 1"):
+        tlv_fast.scaled_dot_product_attention(q, q, q, backend=backend)
+
+
+def test_second_order_gradients_through_the_kernel_raise():
+    q, k, v = make_qkv(1, 1, 8, 8, 16)
+    out = tlv_fast.attention(q, k, v, backend="triton")
+    (g,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="second-order"):
+        g.sum().backward()

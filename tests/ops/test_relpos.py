@@ -138,6 +138,14 @@ def test_module_parameter_names_match_sttr():
 
 
 # ---- STTR relative-position attention at STTR's shape class ------------------------------------------------------
+def test_second_order_gradients_through_the_kernel_raise():
+    q, k, v, qr, kr = _inputs(1, 1, 8, 8, 16, torch.float32)
+    (g,) = torch.autograd.grad(tlv_fast.relpos_attention(q, k, v, qr, kr, backend="triton").square().sum(), q,
+                               create_graph=True)
+    with pytest.raises(RuntimeError, match="second-order"):
+        g.sum().backward()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("sign,mask", [(1, False), (-1, False), (1, True)], ids=["self", "right-query", "masked"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])

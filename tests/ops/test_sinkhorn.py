@@ -204,6 +204,64 @@ def test_half_on_cpu_falls_back_to_the_reference_with_a_warning():
 
 
 # ---- Sinkhorn / optimal transport on CUDA: every launch path (one CTA, clusters, streaming) --------------------
+# ---- edge cases: empty problems, broadcast batch dims, zero marginals, second order ---------------------------
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("m,n", [(0, 4), (4, 0), (0, 0)])
+def test_empty_problems_give_empty_plans(backend, m, n):
+    s = torch.randn(3, m, n, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    mu = torch.zeros(3, m, dtype=torch.float64, device=DEVICE)
+    nu = torch.zeros(3, n, dtype=torch.float64, device=DEVICE)
+    assert tlv_fast.sinkhorn(s, mu, nu, backend=backend).shape == (3, m, n)
+    phi = torch.tensor(0.5, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    t = tlv_fast.optimal_transport(s, phi, backend=backend)
+    want = torch.zeros(3, m + 1, n + 1, dtype=torch.float64, device=DEVICE)
+    want[:, :m, n] = 1.0  # real rows and columns go to their dustbins
+    want[:, m, :n] = 1.0
+    assert torch.equal(t, want)
+    ga, gp = torch.autograd.grad(t.sum(), (s, phi))
+    assert ga.shape == s.shape and gp.item() == 0.0
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_marginal_batch_dims_broadcast_with_the_scores(backend):
+    scores = torch.randn(2, 4, 5, dtype=torch.float64, device=DEVICE)
+    log_mu = torch.log_softmax(torch.randn(3, 2, 4, dtype=torch.float64, device=DEVICE), -1)  # more batch dims
+    log_nu = torch.full((5,), -math.log(5), dtype=torch.float64, device=DEVICE)
+    out = tlv_fast.sinkhorn(scores, log_mu, log_nu, backend=backend)
+    assert out.shape == (3, 2, 4, 5)
+    assert_close(out, reference.sinkhorn(scores, log_mu, log_nu), name="broadcast")
+    with pytest.raises(ValueError, match="do not broadcast"):
+        tlv_fast.sinkhorn(scores, log_mu[:, :1].expand(3, 3, 4), log_nu, backend=backend)
+
+
+def test_zero_marginals_run_on_the_reference_with_a_warning_and_native_says_why():
+    scores, log_mu, log_nu = _problem((2,), 4, 5, torch.float64)
+    log_mu = log_mu.detach().clone()
+    log_mu[0, 1] = float("-inf")  # a row without mass
+    tlv_fast.backends._warned.clear()
+    with pytest.warns(RuntimeWarning, match="zero marginals"):
+        out = tlv_fast.sinkhorn(scores, log_mu, log_nu)
+    want = reference.sinkhorn(scores, log_mu, log_nu)
+    assert torch.equal(torch.isneginf(out), torch.isneginf(want))
+    g, gw = (torch.autograd.grad((o.exp() * torch.arange(20.0, dtype=o.dtype, device=DEVICE).view(4, 5)).sum(),
+                                 scores)[0] for o in (out, want))
+    assert torch.isfinite(g).all()
+    assert_close(g, gw, "bwd", name="d scores")
+    with pytest.raises(RuntimeError, match="log_mu or log_nu = -inf"):
+        tlv_fast.sinkhorn(scores, log_mu, log_nu, backend="native")
+
+
+def test_second_order_gradients_raise_on_native_and_work_on_the_reference():
+    attn = torch.randn(1, 4, 4, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    (g,) = torch.autograd.grad(tlv_fast.optimal_transport(attn, 0.0, backend="reference").square().sum(), attn,
+                               create_graph=True)
+    assert torch.autograd.grad(g.sum(), attn)[0].abs().sum() > 0
+    (g,) = torch.autograd.grad(tlv_fast.optimal_transport(attn, 0.0, backend="native").square().sum(), attn,
+                               create_graph=True)
+    with pytest.raises(RuntimeError, match="second-order"):
+        g.sum().backward()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("b,w,dtype", [
     (4, 321, torch.float32),    # 322 x 322 fp32 = 415 KB: a 2-CTA cluster (bwd: 4)

@@ -16,25 +16,26 @@ def _keep_swapped_attention(module, args):
 
 
 def patch(model, backend="auto"):
-    """Swap every torch.nn.MultiheadAttention inside `model` (or `model` itself) for tlv_fast.nn.MultiheadAttention
-    with the same weights, training mode, device and dtype; returns the model.
+    """Turn every torch.nn.MultiheadAttention inside `model` (or `model` itself) into a
+    tlv_fast.nn.MultiheadAttention, in place; returns the model.
 
-    nn.TransformerEncoder's nested-tensor fast path is turned off (use_nested_tensor = False): tlv_fast reads the
-    key-padding mask in the kernel instead, and the swapped attention must not be bypassed.
+    The modules keep their identity: the very same Parameter objects (so their sharing between parents,
+    `requires_grad`, device, dtype, hooks and any optimizer built before `patch` are unchanged), only the class
+    changes (tlv_fast's is a subclass adding `backend`). nn.TransformerEncoder's nested-tensor fast path is turned off
+    (use_nested_tensor = False): tlv_fast reads the key-padding mask in the kernel instead, and the swapped attention
+    must not be bypassed. Padded positions of a key-padding mask then hold values computed like any other position
+    (torch's nested-tensor path writes 0 there); they are outputs of padding, which callers ignore.
     """
     backend = backends.validate(backend, ops=("attention",), where="tlv_fast.patch: backend")
-    if type(model) is nn.MultiheadAttention:
-        new = MultiheadAttention.from_torch(model, backend)
-        new.register_forward_pre_hook(_keep_swapped_attention)
-        return new
-    for parent in list(model.modules()):
-        if isinstance(parent, nn.TransformerEncoder):
-            parent.use_nested_tensor = False
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.MultiheadAttention:
-                new = MultiheadAttention.from_torch(child, backend)
-                new.register_forward_pre_hook(_keep_swapped_attention)
-                setattr(parent, name, new)
+    for module in ([model] if type(model) is nn.MultiheadAttention else list(model.modules())):
+        if isinstance(module, nn.TransformerEncoder):
+            module.use_nested_tensor = False
+        if type(module) is nn.MultiheadAttention:
+            module.__class__ = MultiheadAttention
+            module.backend = backend
+            module.register_forward_pre_hook(_keep_swapped_attention)
+        elif type(module) is MultiheadAttention:
+            module.backend = backend  # patched before: only the backend changes
     return model
 
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn.block import MLP, Block, SelfAttention, gelu, init_weights
-from .common import Presets, build_config, check_backend, renamed_fields
+from .common import Presets, build_config, check_backend, check_ids, check_positive, renamed_fields
 from .hf import bert_config_from_hf, bert_from_hf_state_dict, bert_hf_config, bert_to_hf_state_dict, hf_source
 
 
@@ -29,6 +29,8 @@ class BERTConfig:
     backend: object = "auto"        # see tlv_fast.backends
 
     def __post_init__(self):
+        check_positive(self, "vocab_size", "max_positions", "type_vocab_size", "dim", "num_layers", "num_heads",
+                       "mlp_hidden")
         check_backend(self, ("attention",))
 
 
@@ -90,7 +92,13 @@ class BERT(Presets, nn.Module):
         """input_ids (B, N); attention_mask (B, N) 1 = token, 0 = padding (read in the kernel as a (B, 1, 1, N)
         mask: no N x N memory). Returns a dict: hidden (B, N, C), pooled (B, C) and, with the heads, mlm_logits,
         nsp_logits, class_logits; loss sums the given targets' cross-entropies (labels: -100 ignored)."""
+        check_ids(self, input_ids, min_len=1)  # the pooler reads the first ([CLS]) token
         B, N = input_ids.shape
+        if N > self.config.max_positions:
+            raise ValueError(f"BERT: sequence of {N} tokens exceeds max_positions = {self.config.max_positions}")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(f"BERT: attention_mask must have input_ids' shape {tuple(input_ids.shape)}, got "
+                             f"{tuple(attention_mask.shape)}")
         if position_ids is None:
             position_ids = torch.arange(N, device=input_ids.device)[None]
         if token_type_ids is None:

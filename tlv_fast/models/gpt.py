@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn.block import MLP, Block, SelfAttention, init_weights
-from .common import Presets, build_config, check_backend, renamed_fields
+from .common import Presets, build_config, check_backend, check_ids, check_positive, renamed_fields
 from .hf import gpt_config_from_hf, gpt_from_hf_state_dict, gpt_hf_config, gpt_to_hf_state_dict, hf_source
 
 
@@ -25,6 +25,7 @@ class GPTConfig:
     backend: object = "auto"  # see tlv_fast.backends
 
     def __post_init__(self):
+        check_positive(self, "vocab_size", "max_positions", "dim", "num_layers", "num_heads", "mlp_hidden")
         check_backend(self, ("attention",))
 
 
@@ -79,6 +80,7 @@ class GPT(Presets, nn.Module):
         (B, N), default past .. past + N - 1 (generate() counts real tokens only, as transformers does); cache: a
         list of per-layer dicts filled and extended in place (decode steps pass only the new tokens). Returns a dict
         with logits (B, N, vocab) and, given labels (B, N; -100 ignored), the next-token cross-entropy loss."""
+        check_ids(self, input_ids)
         B, N = input_ids.shape
         past = cache[0]["k"].shape[2] if cache and "k" in cache[0] else 0
         if position_ids is None:
@@ -104,10 +106,22 @@ class GPT(Presets, nn.Module):
         top_k or top_p is given) or sampled from softmax(logits / temperature) restricted to the top_k tokens and
         to the smallest set whose probability exceeds top_p. Batches may be left-padded (attention_mask 0 on the
         left). Sequences that produce eos_token_id continue with pad_token_id. Returns (B, N + new)."""
+        check_ids(self, input_ids, min_len=1)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"GPT.generate: max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"GPT.generate: top_k must be None or an int >= 1, got {top_k!r}")
+        if top_p is not None and not 0.0 < top_p <= 1.0:
+            raise ValueError(f"GPT.generate: top_p must be None or in (0, 1], got {top_p!r}")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(f"GPT.generate: attention_mask must have input_ids' shape {tuple(input_ids.shape)}, got "
+                             f"{tuple(attention_mask.shape)}")
         if do_sample is None:
             do_sample = temperature != 1.0 or top_k is not None or top_p is not None
-        if do_sample and temperature <= 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+        if do_sample and not temperature > 0:
+            raise ValueError(f"GPT.generate: temperature must be > 0 when sampling, got {temperature}")
+        if max_new_tokens == 0:
+            return input_ids
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
         cache = [{} for _ in self.blocks]
 

@@ -188,12 +188,21 @@ class STTR(Presets, nn.Module):
             if not isinstance(t, torch.Tensor) or t.ndim != 4 or t.shape[1] != 3 or not t.is_floating_point():
                 raise ValueError(f"STTR: {name} must be a float tensor (B, 3, H, W), got "
                                  f"{getattr(t, 'dtype', type(t))} {tuple(getattr(t, 'shape', ()))}")
-        if left.shape != right.shape:
-            raise ValueError(f"STTR: left and right must have the same shape, got {tuple(left.shape)} and "
-                             f"{tuple(right.shape)}")
+        if left.shape != right.shape or left.dtype != right.dtype:
+            raise ValueError(f"STTR: left and right must have the same shape and dtype, got {tuple(left.shape)} "
+                             f"{left.dtype} and {tuple(right.shape)} {right.dtype}")
         B, _, H, W = left.shape
-        if occ_mask is not None and occ_mask.shape != (B, H, W):
-            raise ValueError(f"STTR: occ_mask must be (B, H, W) = {(B, H, W)}, got {tuple(occ_mask.shape)}")
+        if B == 0:
+            raise ValueError("STTR: left and right must hold at least one stereo pair, got batch 0")
+        want = next(self.parameters()).dtype
+        if left.dtype != want and not torch.is_autocast_enabled(left.device.type):
+            raise ValueError(f"STTR: left and right must have the model's dtype {want} (or run under torch.autocast),"
+                             f" got {left.dtype}; convert the images or the model (model.to({left.dtype}))")
+        if occ_mask is not None and (not isinstance(occ_mask, torch.Tensor) or occ_mask.dtype != torch.bool
+                                     or occ_mask.shape != (B, H, W)):
+            raise ValueError(f"STTR: occ_mask must be a bool tensor (B, H, W) = {(B, H, W)}, got "
+                             f"{getattr(occ_mask, 'dtype', type(occ_mask).__name__)} "
+                             f"{tuple(getattr(occ_mask, 'shape', ()))}")
         s = cfg.stride
         rows = torch.arange(s // 2, H, s, device=left.device)
         cols = torch.arange(s // 2, W, s, device=left.device)
@@ -224,7 +233,9 @@ class STTR(Presets, nn.Module):
         behaviour); keyword overrides apply on top. Legacy BatchNorm running statistics are dropped; any other
         missing or unexpected key raises.
         """
+        source = "the dict passed"
         if not isinstance(checkpoint, dict):
+            source = str(checkpoint)
             try:
                 checkpoint = torch.load(checkpoint, map_location=map_location, weights_only=weights_only)
             except pickle.UnpicklingError as e:  # what weights_only=True raises on objects it will not load
@@ -232,6 +243,14 @@ class STTR(Presets, nn.Module):
                     raise
                 raise RuntimeError(f"STTR.from_checkpoint: torch.load(weights_only=True) failed ({e}); if you trust "
                                    "the file, pass weights_only=False") from e
+            except (EOFError, RuntimeError) as e:  # an empty or truncated file, not a torch.save archive
+                raise RuntimeError(f"STTR.from_checkpoint: cannot read the checkpoint {source}: "
+                                   f"{type(e).__name__}: {e or 'the file ended early (empty or truncated)'}") from e
+        if not isinstance(checkpoint, dict) or not all(isinstance(v, torch.Tensor) for v in
+                                                        checkpoint.get("state_dict", checkpoint).values()):
+            kind = type(checkpoint).__name__
+            raise RuntimeError(f"STTR.from_checkpoint: the checkpoint {source} must hold a state dict (a dict of "
+                               f"tensors, or a dict with one under 'state_dict'), got {kind}")
         cfg = config or STTRConfig(parity=True)
         if overrides:
             cfg = dataclasses.replace(cfg, **overrides)

@@ -76,6 +76,11 @@ def _masked_sum(x, mask):
     return torch.where(mask, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum()
 
 
+def _mean(total, count):
+    """total / count, and 0 (with zero gradient) when nothing was counted."""
+    return total / count.clamp_min(1)
+
+
 def _tokens(x, rows, cols):
     return x.index_select(-2, rows).index_select(-1, cols)
 
@@ -105,7 +110,8 @@ def sttr_loss(outputs, disp, occ_mask=None, occ_mask_right=None, weights=None, p
         parity: the published relative-response target (defaults to the model's setting, outputs["parity"]).
 
     Returns:
-        dict with "rr", "l1_raw", "l1", "occ_be" and their weighted sum "loss".
+        dict with "rr", "l1_raw", "l1", "occ_be" and their weighted sum "loss". A term whose pixels are all absent
+        (an image without ground truth, or without occlusion) is 0 with zero gradient, never NaN.
     """
     weights = {"rr": 1.0, "l1_raw": 1.0, "l1": 1.0, "occ_be": 1.0, **(weights or {})}
     parity = outputs["parity"] if parity is None else parity
@@ -126,14 +132,14 @@ def sttr_loss(outputs, disp, occ_mask=None, occ_mask_right=None, weights=None, p
         occ_rt = _tokens(occ_mask_right, rows, cols)
         rr_sum, rr_n = rr_sum + _masked_sum(-torch.log(plan[..., -1, :-1] + eps), occ_rt), rr_n + occ_rt.sum()
     valid = ~invalid
-    smooth_l1 = lambda x, y, m: _masked_sum(F.smooth_l1_loss(x, y, reduction="none"), m) / m.sum()  # noqa: E731
-    losses = {"rr": rr_sum / rr_n, "l1_raw": smooth_l1(outputs["disparity_low_res"], disp_t, valid_t),
+    smooth_l1 = lambda x, y, m: _mean(_masked_sum(F.smooth_l1_loss(x, y, reduction="none"), m), m.sum())  # noqa
+    losses = {"rr": _mean(rr_sum, rr_n), "l1_raw": smooth_l1(outputs["disparity_low_res"], disp_t, valid_t),
               "l1": smooth_l1(outputs["disparity"], disp, valid)}
     occ = outputs["occlusion"]
     be_sum, be_n = _masked_sum(-torch.log(1.0 - occ + eps), valid), valid.sum()
     if occ_mask is not None:
         be_sum, be_n = be_sum + _masked_sum(-torch.log(occ + eps), occ_mask), be_n + occ_mask.sum()
-    losses["occ_be"] = be_sum / be_n
+    losses["occ_be"] = _mean(be_sum, be_n)
     losses["loss"] = sum(weights[k] * losses[k] for k in ("rr", "l1_raw", "l1", "occ_be"))
     return losses
 
@@ -143,14 +149,18 @@ def stereo_metrics(disparity, occlusion, disp, occ_mask=None, threshold=3.0):
     """Per-image metrics of docs/sttr.md §4.3, averaged over the batch (pixel counts summed).
 
     disparity, occlusion (B, H, W) predictions; disp (B, H, W) ground truth (<= 0: none); occ_mask (B, H, W) bool.
-    Returns dict: epe (mean |error| over valid pixels), error_px / total_px (valid pixels with |error| > threshold,
+    Returns dict: epe (mean |error| over valid pixels, averaged over the images that have any; NaN only when none
+    has), error_px / total_px (valid pixels with |error| > threshold,
     and valid pixels: accumulate these over a dataset), px_error_rate, and iou (occlusion IoU with p = occlusion
     > 0.5 over the two classes, pixels neither valid nor occluded ignored; only with occ_mask)."""
     valid = disp > 0
     if occ_mask is not None:
         valid = valid & ~occ_mask
     err = (disparity - disp).abs()
-    epe = torch.stack([err[b][valid[b]].mean() for b in range(disp.shape[0])]).mean()
+    counts = valid.flatten(1).sum(1)
+    per_image = torch.where(valid, err, 0.0).flatten(1).sum(1) / counts.clamp_min(1)
+    has_gt = counts > 0  # images without ground truth do not take part in the mean (NaN when no image has any)
+    epe = per_image[has_gt].mean() if bool(has_gt.any()) else torch.tensor(float("nan"))
     error_px, total_px = int((err[valid] > threshold).sum()), int(valid.sum())
     out = {"epe": float(epe), "error_px": error_px, "total_px": total_px,
            "px_error_rate": error_px / max(total_px, 1)}

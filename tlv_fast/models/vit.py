@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..nn.block import MLP, Block, SelfAttention, init_weights
-from .common import Presets, build_config, check_backend, renamed_fields
+from .common import Presets, build_config, check_backend, check_positive, renamed_fields
 from .hf import hf_source, vit_config_from_hf, vit_from_hf_state_dict, vit_hf_config, vit_to_hf_state_dict
 
 
@@ -30,6 +30,8 @@ class ViTConfig:
     backend: object = "auto"        # see tlv_fast.backends
 
     def __post_init__(self):
+        check_positive(self, "image_size", "patch_size", "in_channels", "dim", "num_layers", "num_heads",
+                       "mlp_hidden")
         check_backend(self, ("attention",))
 
 
@@ -106,9 +108,19 @@ class ViT(Presets, nn.Module):
         return torch.cat([self.pos_embed[:, :1], patch_pos.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1)], 1)
 
     def forward(self, pixel_values, labels=None):
-        """pixel_values (B, C, H, W) with H, W multiples of the feature stride (any size: positions are
-        interpolated). Returns a dict: hidden (B, 1 + patches, dim) after the final norm, pooled (with the pooler),
-        logits (with the head) and loss given labels."""
+        """pixel_values (B, C, H, W) with H, W multiples of the feature stride (any such size: positions are
+        interpolated; other sizes raise). Returns a dict: hidden (B, 1 + patches, dim) after the final norm, pooled
+        (with the pooler), logits (with the head) and loss given labels."""
+        x = pixel_values
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
+            raise ValueError(f"ViT: pixel_values must be a float tensor (B, C, H, W), got "
+                             f"{getattr(pixel_values, 'dtype', type(pixel_values).__name__)} "
+                             f"{tuple(getattr(pixel_values, 'shape', ()))}")
+        s = self.feature_stride
+        if pixel_values.shape[-2] % s or pixel_values.shape[-1] % s or pixel_values.shape[1] != self.config.in_channels:
+            raise ValueError(f"ViT: pixel_values must have {self.config.in_channels} channels and a height and width "
+                             f"that are multiples of {s} (the patch), got {tuple(pixel_values.shape[1:])}; resize or "
+                             "pad the images (a patch convolution would drop the remainder silently)")
         x = self.patch_embed(self.stem(pixel_values))  # (B, dim, h, w)
         B, C, h, w = x.shape
         x = x.flatten(2).transpose(1, 2)

@@ -64,7 +64,7 @@ class MultiheadAttention(nn.MultiheadAttention):
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
-        batched = query.dim() == 3
+        batched = _check_shapes(self, query, key, value, key_padding_mask, attn_mask)
         if self.batch_first and batched:
             query, key, value = (t.transpose(0, 1) for t in (query, key, value))
         if not batched:
@@ -74,13 +74,10 @@ class MultiheadAttention(nn.MultiheadAttention):
         L, N, E = query.shape
         S = key.shape[0]
         H, d = self.num_heads, self.head_dim
-        if E != self.embed_dim:
-            raise ValueError(f"query's embedding dim must be {self.embed_dim}, got {E}")
-        if key.shape[:2] != value.shape[:2]:
-            raise ValueError(f"key's sequence and batch dims {tuple(key.shape[:2])} must match value's "
-                             f"{tuple(value.shape[:2])}")
         if is_causal and attn_mask is None:
             raise RuntimeError("Need attn_mask if specifying the is_causal hint (as torch.nn.MultiheadAttention)")
+        if N == 0:  # an empty batch: empty outputs, as torch returns
+            return self._empty(query, L, S, batched, need_weights, average_attn_weights)
         use_causal = is_causal and key_padding_mask is None and not need_weights
 
         if self._qkv_same_embed_dim:
@@ -92,12 +89,6 @@ class MultiheadAttention(nn.MultiheadAttention):
 
         kpm = key_padding_mask
         am = None if use_causal else attn_mask
-        if am is not None and am.dim() == 2 and am.shape != (L, S):
-            raise ValueError(f"attn_mask must be (L, S) = {(L, S)} or (N * num_heads, L, S), got {tuple(am.shape)}")
-        if am is not None and am.dim() == 3 and am.shape != (N * H, L, S):
-            raise ValueError(f"attn_mask must be (N * num_heads, L, S) = {(N * H, L, S)}, got {tuple(am.shape)}")
-        if kpm is not None and kpm.shape != (N, S):
-            raise ValueError(f"key_padding_mask must be (N, S) = {(N, S)}, got {tuple(kpm.shape)}")
         if self.bias_k is not None:  # one more key/value position holding the learned biases
             k = torch.cat([k, self.bias_k.expand(1, N, E)])
             v = torch.cat([v, self.bias_v.expand(1, N, E)])
@@ -134,3 +125,53 @@ class MultiheadAttention(nn.MultiheadAttention):
         elif self.batch_first:
             out = out.transpose(0, 1)
         return out, weights
+
+    def _empty(self, query, L, S, batched, need_weights, average_attn_weights):
+        out = query.new_zeros((L, 0, self.embed_dim))
+        out = out.transpose(0, 1) if self.batch_first else out
+        if not need_weights:
+            return out, None
+        heads = () if average_attn_weights else (self.num_heads,)
+        return out, query.new_zeros((0, *heads, L, S))
+
+
+def _check_shapes(mha, query, key, value, key_padding_mask, attn_mask):
+    """torch.nn.MultiheadAttention's shape rules, with errors that name the argument; returns whether batched."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"MultiheadAttention: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if query.dim() not in (2, 3):
+        raise ValueError(f"MultiheadAttention: query must be unbatched (L, E) or batched 3-D, got {query.dim()}-D")
+    batched = query.dim() == 3
+    if key.dim() != query.dim() or value.dim() != query.dim():
+        raise ValueError(f"MultiheadAttention: key and value must be {query.dim()}-D like query, got {key.dim()}-D "
+                         f"and {value.dim()}-D")
+    seq_axis = 1 if (batched and mha.batch_first) else 0
+    batch = (lambda t: t.shape[1 - seq_axis]) if batched else (lambda t: 1)  # noqa: E731
+    L, S, N = query.shape[seq_axis], key.shape[seq_axis], batch(query)
+    if query.shape[-1] != mha.embed_dim:
+        raise ValueError(f"MultiheadAttention: query's embedding dim must be {mha.embed_dim}, got {query.shape[-1]}")
+    if key.shape[-1] != mha.kdim or value.shape[-1] != mha.vdim:
+        raise ValueError(f"MultiheadAttention: key and value embedding dims must be kdim = {mha.kdim} and vdim = "
+                         f"{mha.vdim}, got {key.shape[-1]} and {value.shape[-1]}")
+    if batch(key) != N or batch(value) != N:
+        raise ValueError(f"MultiheadAttention: query, key and value must have the same batch size, got {N}, "
+                         f"{batch(key)} and {batch(value)}")
+    if value.shape[seq_axis] != S:
+        raise ValueError(f"MultiheadAttention: key and value must have the same length, got {S} and "
+                         f"{value.shape[seq_axis]}")
+    for name, m in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
+        if m is not None and (not isinstance(m, torch.Tensor) or not (m.dtype == torch.bool or m.is_floating_point())):
+            raise ValueError(f"MultiheadAttention: {name} must be a bool or floating tensor, got "
+                             f"{getattr(m, 'dtype', type(m).__name__)}")
+    if key_padding_mask is not None:
+        want = (N, S) if batched else (S,)
+        if tuple(key_padding_mask.shape) != want:
+            raise ValueError(f"MultiheadAttention: key_padding_mask must be {want}, got "
+                             f"{tuple(key_padding_mask.shape)}")
+    if attn_mask is not None:
+        wants = [(L, S), (N * mha.num_heads, L, S)]
+        if tuple(attn_mask.shape) not in wants:
+            raise ValueError(f"MultiheadAttention: attn_mask must be (L, S) = {wants[0]} or (N * num_heads, L, S) "
+                             f"= {wants[1]}, got {tuple(attn_mask.shape)}")
+    return batched

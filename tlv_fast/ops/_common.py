@@ -46,3 +46,13 @@ def check_tensor(op, name, t, min_ndim, shape_doc):
 def check_precision(op, fp32_precision):
     if fp32_precision not in PRECISIONS:
         raise ValueError(f"{op}: fp32_precision must be 'ieee' or 'tf32', got {fp32_precision!r}")
+
+
+def no_double_backward(op, public):
+    """Register an autograd formula for the backward op `op` that raises: a second-order gradient through it would
+    otherwise be silently zero (torch only warns for custom ops without one)."""
+    def backward(ctx, *grads):
+        raise RuntimeError(f"{public}: second-order gradients (double backward, e.g. a Hessian-vector product) are "
+                           "not implemented by this backend; use backend='reference' for them")
+
+    torch.library.register_autograd(op, backward, setup_context=lambda ctx, inputs, output: None)

@@ -5,7 +5,7 @@ import torch
 from torch import Tensor
 
 from .. import backends, reference, testing
-from ._common import FLOAT_DTYPES, TRITON_DTYPES, check_precision, empty_layout, triton_runtime
+from ._common import FLOAT_DTYPES, TRITON_DTYPES, check_precision, empty_layout, no_double_backward, triton_runtime
 from .sdpa import MAX_HEAD_DIM
 
 
@@ -79,6 +79,7 @@ def _backward(ctx, dout, _dlse, dlogits):
 
 
 _relpos_fwd.register_autograd(_backward, setup_context=_setup_context)
+no_double_backward("tlv_fast::relpos_attention_bwd", "relpos_attention")
 
 
 def relpos_attention(q, k, v, qr, kr, offset_sign=1, mask_upper=False, return_logits=False, backend="auto", *,

@@ -11,7 +11,15 @@ import torch
 from torch import Tensor
 
 from .. import backends, reference, testing
-from ._common import FLOAT_DTYPES, TRITON_DTYPES, check_precision, check_tensor, empty_layout, triton_runtime
+from ._common import (
+    FLOAT_DTYPES,
+    TRITON_DTYPES,
+    check_precision,
+    check_tensor,
+    empty_layout,
+    no_double_backward,
+    triton_runtime,
+)
 
 MAX_HEAD_DIM = 256
 
@@ -100,6 +108,7 @@ def _backward(ctx, dout, dlse):
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+no_double_backward("tlv_fast::attention_bwd", "attention")
 
 
 def _check(q, k, v, attn_mask, dropout_p, scale, gqa, fp32_precision, op):
@@ -115,6 +124,8 @@ def _check(q, k, v, attn_mask, dropout_p, scale, gqa, fp32_precision, op):
                              f"{name} {t.ndim}-D")
     if q.shape[-1] != k.shape[-1]:
         raise ValueError(f"query and key must have the same head dim, got {q.shape[-1]} and {k.shape[-1]}")
+    if q.shape[-1] == 0 or v.shape[-1] == 0:
+        raise ValueError(f"head dims must be >= 1, got query/key {q.shape[-1]} and value {v.shape[-1]}")
     if k.shape[-2] != v.shape[-2]:
         raise ValueError(f"key and value must have the same length, got {k.shape[-2]} and {v.shape[-2]}")
     if q.ndim >= 3:

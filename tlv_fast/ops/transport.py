@@ -6,8 +6,8 @@ import torch
 from torch import Tensor
 
 from .. import _ext, backends, reference
-from ..formulas import dustbin_marginals
-from ._common import FLOAT_DTYPES, check_tensor
+from ..formulas import dustbin_marginals, empty_transport
+from ._common import FLOAT_DTYPES, check_tensor, no_double_backward
 
 _ORDERS = ("col_first", "row_first")
 _registered = False
@@ -52,6 +52,7 @@ def _register():
         return d_scores, d_mu, d_nu, d_bin if bin_score is not None else None, None, None, None
 
     torch.library.register_autograd("tlv_fast::sinkhorn_fwd", backward, setup_context=setup_context)
+    no_double_backward("tlv_fast::sinkhorn_bwd", "sinkhorn / optimal_transport")
     _registered = True
 
 
@@ -65,10 +66,12 @@ def _native_runtime(device):
 
 
 FAMILY = backends.family("sinkhorn", public=("sinkhorn", "optimal_transport"),
-                         auto={"cuda": ("native", "reference"), "cpu": ("native", "reference")})
+                         auto={"cuda": ("native", "reference"), "cpu": ("native", "reference")},
+                         features={"zero_marginals": "zero marginals (log_mu or log_nu = -inf)"})
 NATIVE = FAMILY.declare(backends.Implementation(
     "sinkhorn", "native", dtypes={"cuda": FLOAT_DTYPES, "cpu": (torch.float32, torch.float64)},
-    runtime=_native_runtime, summary="csrc: C++ on CPU, CUDA kernels on GPU",
+    unsupported=frozenset({"zero_marginals"}), runtime=_native_runtime,
+    summary="csrc: C++ on CPU, CUDA kernels on GPU",
     notes={"cuda": "16-bit inputs accumulate in fp32", "cpu": "needs a C++ compiler on first use"}))
 REFERENCE = FAMILY.declare(backends.Implementation(
     "sinkhorn", "reference", dtypes={"cuda": FLOAT_DTYPES, "cpu": FLOAT_DTYPES}, summary="eager loop"))
@@ -94,8 +97,10 @@ def sinkhorn(scores, log_mu, log_nu, iters=10, order="col_first", backend="auto"
 
     Args:
         scores: (..., M, N) scores S (negative costs); -inf entries are excluded from the plan.
-        log_mu: (..., M) log row marginals; log_nu: (..., N) log column marginals (leading dims broadcast to the
-            scores'). They must be finite (every marginal > 0): the backward divides by them (exp(u - log_mu)).
+        log_mu: (..., M) log row marginals; log_nu: (..., N) log column marginals; the leading dims of the three
+            broadcast together (the result has the broadcast batch shape). A marginal of 0 (log -inf) is a row or
+            column without mass: the reference runs those ("auto" moves there with a warning; "native" raises, its
+            backward divides by the marginals). Checking for them reads the marginals (one device sync on CUDA).
         iters: number of unrolled iteration pairs, from potentials u = v = 0.
         order: "col_first" (v then u in each iteration, as STTR) or "row_first" (u then v, as SuperGlue).
         backend: "auto" (csrc on CPU and CUDA tensors), "native" (csrc: C++ on CPU tensors, CUDA kernels on CUDA
@@ -105,13 +110,14 @@ def sinkhorn(scores, log_mu, log_nu, iters=10, order="col_first", backend="auto"
     in `order`; the result is the log plan S_ij + u_i + v_j, the same numbers (up to rounding) as autograd through
     that Python loop, and so are the gradients with respect to scores, log_mu and log_nu. A row or column with no
     finite score keeps potential 0 (no mass, no NaN). The backward replays the iterations from the stored
-    potentials (O(iters (M + N)) per problem) instead of keeping an autograd graph.
+    potentials (O(iters (M + N)) per problem) instead of keeping an autograd graph; second-order gradients through
+    the native backend raise (the reference has them). M = 0 or N = 0 gives an empty plan.
 
     Returns:
         (..., M, N) log plan, in the scores' dtype.
     """
     _check_common("sinkhorn", scores, iters, order)
-    *batch, m, n = scores.shape
+    *sbatch, m, n = scores.shape
     for name, t, size in (("log_mu", log_mu, m), ("log_nu", log_nu, n)):
         if not isinstance(t, Tensor) or t.dtype != scores.dtype or t.device != scores.device:
             raise ValueError(f"sinkhorn: {name} must be a tensor of the scores' dtype {scores.dtype} and device "
@@ -119,16 +125,19 @@ def sinkhorn(scores, log_mu, log_nu, iters=10, order="col_first", backend="auto"
         if t.ndim < 1 or t.shape[-1] != size:
             raise ValueError(f"sinkhorn: {name} must be (..., {size}) for scores {tuple(scores.shape)}, got "
                              f"{tuple(t.shape)}")
-        try:
-            torch.broadcast_shapes(t.shape[:-1], tuple(batch))
-        except RuntimeError:
-            raise ValueError(f"sinkhorn: {name} batch dims {tuple(t.shape[:-1])} do not broadcast to the scores' "
-                             f"{tuple(batch)}") from None
-    chosen = backends.choose("sinkhorn", backend, backends.Inputs(scores.device, scores.dtype))
-    if chosen == "reference":
-        return reference.sinkhorn(scores, log_mu, log_nu, iters, order)
+    try:
+        batch = torch.broadcast_shapes(tuple(sbatch), log_mu.shape[:-1], log_nu.shape[:-1])
+    except RuntimeError:
+        raise ValueError(f"sinkhorn: the batch dims of scores {tuple(sbatch)}, log_mu {tuple(log_mu.shape[:-1])} "
+                         f"and log_nu {tuple(log_nu.shape[:-1])} do not broadcast") from None
+    # a zero marginal (log = -inf) is a row or column without mass; the native kernels' backward needs them finite
+    zero_mass = bool(torch.isneginf(log_mu).any() or torch.isneginf(log_nu).any())
+    inputs = backends.Inputs(scores.device, scores.dtype, features=frozenset({"zero_marginals"} if zero_mass else ()))
+    chosen = backends.choose("sinkhorn", backend, inputs)
+    if chosen == "reference" or m == 0 or n == 0:  # an empty problem has nothing to compute: the formula's shape
+        return reference.sinkhorn(scores, log_mu, log_nu, iters, order).expand(*batch, m, n)
     acc = _acc_dtype(scores.dtype)  # marginals and potentials of 16-bit problems are fp32
-    scores3 = scores.reshape(-1, m, n)
+    scores3 = scores.expand(*batch, m, n).reshape(-1, m, n)
     mu2 = log_mu.to(acc).expand(*batch, m).reshape(-1, m)
     nu2 = log_nu.to(acc).expand(*batch, n).reshape(-1, n)
     out = _run("sinkhorn", scores3, mu2, nu2, None, iters, order == "col_first", None)
@@ -147,7 +156,8 @@ def optimal_transport(attn, phi, iters=10, backend="auto"):
 
     The scores are augmented with a dustbin row and column holding phi (in the kernel: the augmented matrix is never
     formed in memory), the marginals are 1/(M+N) per pixel and N/(M+N), M/(M+N) for the dustbins, and the result is
-    the plan times M + N, T = exp(log plan + log(M + N)), so that every real row sums to 1.
+    the plan times M + N, T = exp(log plan + log(M + N)), so that every real row sums to 1. With M = 0 or N = 0
+    every real row and column goes to its dustbin (T = 1 there, the corner 0).
 
     Returns:
         T (..., M+1, N+1), probabilities in attn's dtype.
@@ -161,6 +171,8 @@ def optimal_transport(attn, phi, iters=10, backend="auto"):
     if phi.device != attn.device:
         raise ValueError(f"optimal_transport: phi must be on attn's device {attn.device}, got {phi.device}")
     chosen = backends.choose("optimal_transport", backend, backends.Inputs(attn.device, attn.dtype))
+    if m == 0 or n == 0:
+        return empty_transport(attn, phi)
     if chosen == "reference":
         return reference.optimal_transport(attn, phi.to(attn.dtype), iters)
     acc = _acc_dtype(attn.dtype)
