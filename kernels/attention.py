@@ -26,10 +26,12 @@ from .common import (
     backward_delta,
     bias_tile,
     block_dim,
+    cdiv,
     dot,
     dot_args,
     launch,
     load_tile,
+    next_pow2,
     store_tile,
     tuning,
 )
@@ -444,7 +446,7 @@ SMEM_BUDGET = 200 * 1024  # bytes; H100/H200 allow 227 KB per block, leave room 
 
 
 def _bucket(n):
-    return triton.next_power_of_2(max(int(n), 1))
+    return next_pow2(max(int(n), 1))
 
 
 def _prune(q_rows, k_rows, operands):
@@ -468,21 +470,50 @@ def _prune(q_rows, k_rows, operands):
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages); ptxas for sm_90 (tests/kernels/test_compile.py) reports no spills
 # for these at D = 64 and 128 except the 128x128 forward at D = 128, kept for D <= 64. BLOCK_M = 16 serves decode.
-FWD_CONFIGS = [(128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 8, 4),
-               (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 4), (16, 64, 4, 4), (16, 128, 4, 3)]
-DKDV_CONFIGS = [(32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (32, 64, 4, 4), (64, 64, 4, 3),
+# The single-warpgroup tiles are those of Triton's fused-attention tutorial (fwd 128x64 w4, dK/dV 32x128 w4,
+# dQ 128x32 w4).
+FWD_CONFIGS = [(128, 64, 4, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4),
+               (128, 32, 8, 4), (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 4), (16, 64, 4, 4), (16, 128, 4, 3)]
+DKDV_CONFIGS = [(32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (32, 64, 4, 4), (64, 64, 4, 3),
                 (16, 128, 8, 3), (16, 64, 4, 2)]
-DQ_CONFIGS = [(128, 32, 8, 3), (128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3), (16, 64, 4, 3)]
+DQ_CONFIGS = [(128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3),
+              (16, 64, 4, 3)]
+
+
+def _pinned_fwd(args):
+    """The forward's tile without autotuning: decode shapes (few query rows) take 16-row tiles, head dims above 128
+    smaller tiles (registers), the rest the tutorial's single-warpgroup 128 x 64."""
+    if args.get("N_Q", 128) <= 16:
+        return (16, 128, 4, 3)
+    if args.get("BLOCK_D", 64) > 128 or args.get("BLOCK_DV", 64) > 128:
+        return (64, 32, 4, 4)
+    return (128, 64, 4, 3)
+
+
+def _pinned_dkdv(args):
+    if args.get("BLOCK_D", 64) > 128 or args.get("BLOCK_DV", 64) > 128:
+        return (16, 64, 4, 2)
+    return (16, 128, 8, 3) if args.get("N_Q", 128) <= 16 else (32, 128, 4, 3)
+
+
+def _pinned_dq(args):
+    if args.get("BLOCK_D", 64) > 128 or args.get("BLOCK_DV", 64) > 128:
+        return (64, 32, 4, 3)
+    return (16, 64, 4, 3) if args.get("N_Q", 128) <= 16 else (128, 32, 4, 3)
+
+
 _rows_m, _rows_n = (lambda m, n: m), (lambda m, n: n)
-tuning(_attn_fwd_kernel, FWD_CONFIGS, _TUNE_KEY, _prune(_rows_m, _rows_n, lambda m, n, d, dv: n * (d + dv)))
+tuning(_attn_fwd_kernel, FWD_CONFIGS, _TUNE_KEY, _prune(_rows_m, _rows_n, lambda m, n, d, dv: n * (d + dv)),
+       pinned=_pinned_fwd)
 tuning(_attn_bwd_dkdv_kernel, DKDV_CONFIGS, _TUNE_KEY + ["STORE_DMASK"],
-       _prune(_rows_m, _rows_n, lambda m, n, d, dv: m * (d + dv)))
-tuning(_attn_bwd_dq_kernel, DQ_CONFIGS, _TUNE_KEY, _prune(_rows_m, _rows_n, lambda m, n, d, dv: n * (d + dv)))
+       _prune(_rows_m, _rows_n, lambda m, n, d, dv: m * (d + dv)), pinned=_pinned_dkdv)
+tuning(_attn_bwd_dq_kernel, DQ_CONFIGS, _TUNE_KEY, _prune(_rows_m, _rows_n, lambda m, n, d, dv: n * (d + dv)),
+       pinned=_pinned_dq)
 
 
 def _grid(rows, axis, others):
     """1-D grid of cdiv(rows, meta[axis]) * others programs (no 65535 limit)."""
-    return lambda meta: (triton.cdiv(rows, meta[axis]) * others,)
+    return lambda meta: (cdiv(rows, meta[axis]) * others,)
 
 
 def _mask_args(mask, q):
@@ -501,20 +532,21 @@ def _mask_args(mask, q):
 def _common_args(q, k, v, mask, seed, sm_scale, causal_offset, dropout_p, precision):
     B, H, n_q, d = q.shape
     n_k, dv = k.shape[2], v.shape[3]
+    bd, bdv = block_dim(d), block_dim(dv)
+    (qb, qh, qm, qd), (kb, kh, kn, kd), (vb, vh, vn, vd) = q.stride(), k.stride(), v.stride()
     margs, kind, bcast = _mask_args(mask, q)
-    return dict(
-        Q=q, K=k, V=v, Seed=seed if seed is not None else q, **margs,
-        stride_qb=q.stride(0), stride_qh=q.stride(1), stride_qm=q.stride(2), stride_qd=q.stride(3),
-        stride_kb=k.stride(0), stride_kh=k.stride(1), stride_kn=k.stride(2), stride_kd=k.stride(3),
-        stride_vb=v.stride(0), stride_vh=v.stride(1), stride_vn=v.stride(2), stride_vd=v.stride(3),
-        H=H, N_Q=n_q, N_K=n_k, GQA_GROUP=H // k.shape[1], sm_scale=float(sm_scale),
-        causal_offset=int(causal_offset or 0), dropout_p=float(dropout_p),
-        Q_BUCKET=_bucket(n_q), K_BUCKET=_bucket(n_k),
-        HEAD_DIM=d, HEAD_DIM_V=dv, BLOCK_D=block_dim(d), BLOCK_DV=block_dim(dv),
-        CHECK_D=d != block_dim(d), CHECK_DV=dv != block_dim(dv),
-        IS_CAUSAL=causal_offset is not None, MASK_KIND=kind, MASK_BCAST=bcast, HAS_DROPOUT=dropout_p > 0.0,
+    return {
+        "Q": q, "K": k, "V": v, "Seed": seed if seed is not None else q, **margs,
+        "stride_qb": qb, "stride_qh": qh, "stride_qm": qm, "stride_qd": qd,
+        "stride_kb": kb, "stride_kh": kh, "stride_kn": kn, "stride_kd": kd,
+        "stride_vb": vb, "stride_vh": vh, "stride_vn": vn, "stride_vd": vd,
+        "H": H, "N_Q": n_q, "N_K": n_k, "GQA_GROUP": H // k.shape[1], "sm_scale": float(sm_scale),
+        "causal_offset": int(causal_offset or 0), "dropout_p": float(dropout_p),
+        "Q_BUCKET": _bucket(n_q), "K_BUCKET": _bucket(n_k),
+        "HEAD_DIM": d, "HEAD_DIM_V": dv, "BLOCK_D": bd, "BLOCK_DV": bdv, "CHECK_D": d != bd, "CHECK_DV": dv != bdv,
+        "IS_CAUSAL": causal_offset is not None, "MASK_KIND": kind, "MASK_BCAST": bcast, "HAS_DROPOUT": dropout_p > 0.0,
         **dot_args(_attn_fwd_kernel, q.dtype, precision),
-    )
+    }
 
 
 def attention_fwd(q, k, v, out, lse, mask=None, seed=None, sm_scale=1.0, causal_offset=None, dropout_p=0.0,
@@ -527,8 +559,8 @@ def attention_fwd(q, k, v, out, lse, mask=None, seed=None, sm_scale=1.0, causal_
     """
     B, H, n_q, _ = q.shape
     args = _common_args(q, k, v, mask, seed, sm_scale, causal_offset, dropout_p, precision)
-    args.update(Out=out, Lse=lse, stride_ob=out.stride(0), stride_oh=out.stride(1), stride_om=out.stride(2),
-                stride_od=out.stride(3))
+    ob, oh, om, od = out.stride()
+    args.update(Out=out, Lse=lse, stride_ob=ob, stride_oh=oh, stride_om=om, stride_od=od)
     launch(_attn_fwd_kernel, _grid(n_q, "BLOCK_M", B * H), args)
     return out, lse
 

@@ -1,17 +1,22 @@
 """What every Triton kernel here shares: tile loads/stores with edge checks, the additive-mask tile, the dot that
 works around the interpreter's bf16 bug, head-dim padding, and the launch policy (forced tiles for tests, one small
-tile under the interpreter, otherwise the kernel's autotune table).
+tile under the interpreter, otherwise a pinned tile through a cached launcher, or the autotune table on request).
 
 Whether a kernel is interpreted is a property of the kernel object (Triton decides it when the kernel is created,
 from TRITON_INTERPRET), so it is read from the object each time it matters, never cached at import.
 """
 import contextlib
+import operator
 
 import torch
 import triton
 import triton.language as tl
+from triton import knobs
+from triton.runtime import driver
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
+
+from tlv_fast._env import env
 
 # attn_mask kinds, and how a mask tile is constant along one axis (read 1-D)
 MASK_NONE, MASK_BOOL, MASK_FLOAT = 0, 1, 2
@@ -21,18 +26,33 @@ C_MASK_NONE, C_MASK_BOOL = tl.constexpr(MASK_NONE), tl.constexpr(MASK_BOOL)
 C_ALONG_B, C_ALONG_A = tl.constexpr(BCAST_ALONG_B), tl.constexpr(BCAST_ALONG_A)
 
 
+_interpreted = {}
+
+
 def interpreted(kernel):
     """True when `kernel` (a @triton.jit function, possibly wrapped by heuristics/autotune) runs in Triton's CPU
-    interpreter."""
-    fn = kernel
-    while not isinstance(fn, (JITFunction, InterpretedFunction)) and hasattr(fn, "fn"):
-        fn = fn.fn
-    return isinstance(fn, InterpretedFunction)
+    interpreter (fixed when the kernel object was created, so remembered per object)."""
+    known = _interpreted.get(kernel)
+    if known is None:
+        fn = kernel
+        while not isinstance(fn, (JITFunction, InterpretedFunction)) and hasattr(fn, "fn"):
+            fn = fn.fn
+        known = _interpreted[kernel] = isinstance(fn, InterpretedFunction)
+    return known
+
+
+def next_pow2(n):
+    """Smallest power of two >= n (>= 1); plain Python (triton.next_power_of_2 is a JIT callable, ~2 us a call)."""
+    return 1 << (int(n) - 1).bit_length() if n > 1 else 1
+
+
+def cdiv(a, b):
+    return -(-a // b)
 
 
 def block_dim(d):
     """Padded head-dim tile: next power of two, at least 16 (tl.dot needs K >= 16)."""
-    return max(16, triton.next_power_of_2(d))
+    return max(16, next_pow2(d))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -144,7 +164,7 @@ def backward_delta(out, do, dlse=None):
     block_dv = block_dim(dv)
     block_m = 16 if interpreted(_delta_kernel) else max(16, min(128, 8192 // block_dv))
     dl = dlse if dlse is not None else delta
-    _delta_kernel[(triton.cdiv(n_q, block_m) * B * H,)](
+    _delta_kernel[(cdiv(n_q, block_m) * B * H,)](
         out, do, dl, delta, *out.stride(), *do.stride(), *dl.stride(), H, n_q,
         HEAD_DIM_V=dv, BLOCK_DV=block_dv, HAS_DLSE=dlse is not None, BLOCK_M=block_m)
     return delta
@@ -152,16 +172,22 @@ def backward_delta(out, do, dlse=None):
 
 # ----------------------------------------------------------------------------------------------------------------
 # launch policy
+#   - force_blocks(): tests pin a tile;
+#   - an interpreted kernel runs one small tile (the interpreter is slow);
+#   - on a GPU, by default, the kernel's pinned tile (a heuristic of the shapes: no benchmarking, a compile per
+#     specialisation only), launched through a per-signature cache of compiled kernels that skips Triton's binder;
+#   - TLV_FAST_AUTOTUNE=1 (read at each launch) benchmarks the kernel's config table once per key instead, with the
+#     choice cached on disk in Triton's cache (TRITON_CACHE_DIR), so a later process does not repeat it.
 # ----------------------------------------------------------------------------------------------------------------
 INTERPRETER_TILE = (16, 16, 1, 1)  # (BLOCK_M, BLOCK_N, num_warps, num_stages): small, the interpreter is slow
 _forced = []
-_tables = {}  # kernel -> (configs, key, prune)
-_tuned = {}   # kernel -> its autotuned wrapper, built on first compiled launch
+_tables = {}  # kernel -> (configs, key, prune, pinned)
+_tuned = {}   # kernel -> its autotuned wrapper, built on first use
 
 
 @contextlib.contextmanager
 def force_blocks(block_m, block_n, num_warps=4, num_stages=2):
-    """Use these tiles for every kernel launched inside the block (skips autotuning)."""
+    """Use these tiles for every kernel launched inside the block (skips autotuning and the pinned table)."""
     if block_m < 16 or block_n < 16 or block_m & (block_m - 1) or block_n & (block_n - 1):
         raise ValueError(f"block sizes must be powers of two >= 16, got ({block_m}, {block_n})")
     _forced.append((block_m, block_n, num_warps, num_stages))
@@ -171,38 +197,144 @@ def force_blocks(block_m, block_n, num_warps=4, num_stages=2):
         _forced.pop()
 
 
+def autotuning():
+    """True when TLV_FAST_AUTOTUNE=1: launches benchmark the config table (once per key, cached on disk)."""
+    return env("TLV_FAST_AUTOTUNE", "0") == "1"
+
+
 def configs(tuples):
     """[(BLOCK_M, BLOCK_N, num_warps, num_stages), ...] -> triton.Config list."""
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in tuples]
 
 
-def tuning(kernel, config_tuples, key, prune=None):
-    """Declare `kernel`'s autotune table (configs, cache key, optional early prune)."""
-    _tables[kernel] = (configs(config_tuples), list(key), prune)
+def tuning(kernel, config_tuples, key, prune=None, pinned=None):
+    """Declare `kernel`'s launch table: the configs the autotuner may try, its cache key, an optional early prune,
+    and `pinned(args) -> (BLOCK_M, BLOCK_N, num_warps, num_stages)`, the tile used without autotuning (default:
+    the first config)."""
+    _tables[kernel] = (configs(config_tuples), list(key), prune, pinned or (lambda args: tuple(config_tuples[0])))
     return kernel
 
 
-def fixed_tile(kernel):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) when `kernel` runs one tile without autotuning (forced, or
-    interpreted), else None."""
+def fixed_tile(kernel, args=None):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) the next launch of `kernel` uses, or None when it autotunes."""
     if _forced:
         return _forced[-1]
     if interpreted(kernel):
         return INTERPRETER_TILE
-    return None
+    if autotuning():
+        return None
+    return tuple(_tables[kernel][3](args or {}))
 
 
 def launch(kernel, grid, args):
     """Launch `kernel` over grid(meta) (meta holds BLOCK_M / BLOCK_N) with keyword `args`."""
-    tile = fixed_tile(kernel)
-    if tile is not None:
-        bm, bn, warps, stages = tile
-        meta = {"BLOCK_M": bm, "BLOCK_N": bn}
-        kernel[grid(meta)](**args, **meta, num_warps=warps, num_stages=stages)
+    tile = fixed_tile(kernel, args)
+    if tile is None:
+        tuned = _tuned.get(kernel)
+        if tuned is None:
+            table, key, prune, _ = _tables[kernel]
+            extra = {"prune_configs_by": {"early_config_prune": prune}} if prune is not None else {}
+            tuned = _tuned[kernel] = triton.autotune(table, key=key, cache_results=True, **extra)(kernel)
+        tuned[grid](**args)
         return
-    tuned = _tuned.get(kernel)
-    if tuned is None:
-        table, key, prune = _tables[kernel]
-        extra = {"prune_configs_by": {"early_config_prune": prune}} if prune is not None else {}
-        tuned = _tuned[kernel] = triton.autotune(table, key=key, **extra)(kernel)
-    tuned[grid](**args)
+    bm, bn, warps, stages = tile
+    meta = {"BLOCK_M": bm, "BLOCK_N": bn}
+    if interpreted(kernel):
+        kernel[grid(meta)](**args, **meta, num_warps=warps, num_stages=stages)
+    else:
+        fast_launch(kernel, grid(meta), {**args, **meta}, warps, stages)
+
+
+# ---- the fast launcher: Triton's own launch protocol, without its per-call binder ------------------------------
+_jit_info = {}   # kernel -> (JITFunction, [heuristics dicts], {kind: picker of that kind's values})
+_compiled = {}   # (JITFunction, device, key) -> CompiledKernel
+_recent = {}     # exact argument values seen lately -> CompiledKernel
+
+
+def _plan(kernel, values):
+    """Unwrap heuristics; sort the JIT function's runtime parameters by how Triton specialises them (from the types of
+    a first call's values: our launchers always pass the same types per parameter)."""
+    heur, fn = [], kernel
+    while not isinstance(fn, JITFunction):
+        if hasattr(fn, "values"):  # triton.heuristics
+            heur.append(fn.values)
+        fn = fn.fn
+    kinds = {"const": [], "tensor": [], "int": [], "plain": []}
+    for i, (p, v) in enumerate(zip(fn.params, values)):
+        if p.is_constexpr:
+            kinds["const"].append(i)
+        elif isinstance(v, torch.Tensor):
+            kinds["tensor"].append(i)
+        elif isinstance(v, int) and not isinstance(v, bool) and not p.do_not_specialize:
+            kinds["int"].append(i)
+        else:  # floats, bools, None, unspecialised ints: only their type and width matter
+            kinds["plain"].append(i)
+    return fn, heur, {k: _picker(idx) for k, idx in kinds.items()}
+
+
+def _picker(idx):
+    """vals -> tuple(vals[i] for i in idx), fast (operator.itemgetter)."""
+    if len(idx) >= 2:
+        return operator.itemgetter(*idx)
+    if len(idx) == 1:
+        i = idx[0]
+        return lambda vals: (vals[i],)
+    return lambda vals: ()
+
+
+def launch_key(kernel, values):
+    """The fast launcher's cache key for the positional `values` of `kernel`'s JIT function: what Triton's binder
+    specialises on -- constexpr values, tensor dtypes and 16-byte alignment, integers equal to 1 or divisible by 16,
+    integer widths (tests/kernels/test_launch.py checks the key against the binder)."""
+    info = _jit_info.get(kernel)
+    if info is None:
+        info = _jit_info[kernel] = _plan(kernel, values)
+    pick = info[2]
+    ints = pick["int"](values)
+    small = all(-0x80000000 <= v < 0x80000000 for v in ints)
+    return (pick["const"](values), tuple((t.dtype, t.data_ptr() & 15 == 0) for t in pick["tensor"](values)),
+            tuple((v == 1) + 2 * (v & 15 == 0) for v in ints),
+            small or tuple((-0x80000000 <= v < 0x80000000, v < 0x8000000000000000) for v in ints),
+            tuple(v if v is None or isinstance(v, bool) else (type(v), -0x80000000 <= v < 0x80000000)
+                  if isinstance(v, int) else type(v) for v in pick["plain"](values)))
+
+
+def fast_launch(kernel, grid, kwargs, num_warps, num_stages):
+    """Launch as JITFunction.run does (the same CompiledKernel.run call, stream and hooks), but find the compiled
+    kernel from a cheap key of the arguments' specialisation instead of running Triton's binder on every call."""
+    info = _jit_info.get(kernel)
+    if info is None:  # first launch: the heuristics decide some constexprs, so plan from complete values
+        fn, heuristics, _ = _plan(kernel, [])
+        for values in heuristics:
+            for name, rule in values.items():
+                kwargs[name] = rule(kwargs)
+        info = _jit_info[kernel] = _plan(kernel, [kwargs[name] for name in fn.arg_names])
+    else:
+        for values in info[1]:
+            for name, rule in values.items():
+                kwargs[name] = rule(kwargs)
+    fn, pick = info[0], info[2]
+    vals = [kwargs[name] for name in fn.arg_names]
+    device = driver.active.get_current_device()
+    # first level: the exact non-tensor values and tensor dtypes/alignments (a hit costs a tuple and a hash);
+    # second level, on a miss: the specialisation key, which shape changes (a growing KV cache) do not alter
+    raw = (device, num_warps, num_stages, pick["const"](vals), pick["int"](vals), pick["plain"](vals),
+           tuple((t.dtype, t.data_ptr() & 15) for t in pick["tensor"](vals)))
+    compiled = _recent.get(raw)
+    if compiled is None:
+        key = (fn, device, num_warps, num_stages, launch_key(kernel, vals))
+        compiled = _compiled.get(key)
+        if compiled is None:
+            compiled = fn.run(*vals, grid=grid, warmup=True, num_warps=num_warps, num_stages=num_stages)
+            if hasattr(compiled, "result"):  # an asynchronous compile
+                compiled = compiled.result()
+            _compiled[key] = compiled
+        if len(_recent) > 4096:
+            _recent.clear()
+        _recent[raw] = compiled
+    stream = driver.active.get_current_stream(device)
+    g = tuple(grid) + (1, 1)
+    run = compiled.run  # loads the module on first use
+    run(g[0], g[1], g[2], stream, compiled.function, compiled.packed_metadata,
+        compiled.launch_metadata(grid, stream, *vals), knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook,
+        *vals)

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import backward_delta, block_dim, dot, dot_args, launch, load_tile, tuning
+from .common import backward_delta, block_dim, cdiv, dot, dot_args, launch, load_tile, next_pow2, tuning
 from .common import interpreted as common_interpreted
 
 
@@ -67,7 +67,7 @@ def _valid(offs_m, offs_n, N_Q, N_K, MASK_UPPER: tl.constexpr):
 
 
 def _band_width(a):
-    return triton.next_power_of_2(a["BLOCK_M"] + a["BLOCK_N"] - 1)  # BLOCK_L: table rows a tile touches, padded
+    return next_pow2(a["BLOCK_M"] + a["BLOCK_N"] - 1)  # BLOCK_L: table rows a tile touches, padded
 
 
 @triton.heuristics({"EVEN_M": lambda a: a["N_Q"] % a["BLOCK_M"] == 0, "BLOCK_L": _band_width})
@@ -290,7 +290,7 @@ def relpos_attention_fwd(q, k, v, qr, kr, out, lse, logits=None, offset_sign=1, 
     B, H, n_q, _ = q.shape
     args = _common(q, k, v, qr, kr, offset_sign, mask_upper, precision)
     ret = logits is not None
-    launch(_relpos_fwd_kernel, lambda meta: (triton.cdiv(n_q, meta["BLOCK_M"]) * B * (1 if ret else H),), dict(
+    launch(_relpos_fwd_kernel, lambda meta: (cdiv(n_q, meta["BLOCK_M"]) * B * (1 if ret else H),), dict(
         args, Out=out, Lse=lse, Logits=logits if ret else lse, RETURN_LOGITS=ret,
         stride_ob=out.stride(0), stride_oh=out.stride(1), stride_om=out.stride(2), stride_od=out.stride(3)))
     return out, lse, logits

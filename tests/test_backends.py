@@ -103,7 +103,7 @@ def test_env_names_a_backend_per_op_or_for_all(monkeypatch):
     with pytest.raises(ValueError, match="unknown op"):
         backends.choose("sinkhorn", "auto", i)
     monkeypatch.setenv("TLV_FAST_BACKEND", "native")  # attention has none: it says so once and keeps auto
-    backends._warned.clear()
+    backends.forget()
     with pytest.warns(RuntimeWarning, match="no 'native' backend"):
         assert backends.choose("attention", "auto", i) == "reference"
     monkeypatch.setenv("TLV_FAST_BACKEND", "reference")
@@ -122,7 +122,7 @@ def test_sdpa_override_falls_back_only_for_undeclared_inputs_and_lets_kernel_err
     from tlv_fast.ops import sdpa
     q = torch.randn(2, 2, 5, 8, device=DEVICE)
     k = torch.randn(1, 2, 5, 8, device=DEVICE)  # batch dims that broadcast: torch accepts, tlv_fast does not
-    backends._warned.clear()
+    backends.forget()
     with tlv_fast.sdpa_override(), pytest.warns(RuntimeWarning, match="falling back"):
         out = F.scaled_dot_product_attention(q, k, k)
     assert out.shape == (2, 2, 5, 8)

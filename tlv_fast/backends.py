@@ -18,11 +18,12 @@ operators declare theirs; :func:`choose` reads those declarations. ``python -m t
 the table README carries (a test keeps the two equal).
 """
 import dataclasses
-import os
 import warnings
 from typing import Callable, Mapping, Optional
 
 import torch
+
+from ._env import env
 
 NAMES = ("auto", "triton", "native", "reference")
 ALIASES = {"cuda": "native"}  # deprecated spellings -> names
@@ -179,7 +180,7 @@ def _check_implemented(fam, name, where):
 
 def _env_choice(fam):
     """The backend TLV_FAST_BACKEND names for `fam` ("auto" when none), validated."""
-    raw = os.environ.get(ENV, "").strip()
+    raw = env(ENV, "").strip()
     if not raw or raw == "auto":
         return "auto"
     if "=" in raw:  # op=name,op=name
@@ -198,13 +199,26 @@ def _env_choice(fam):
     return name
 
 
+_chosen = {}  # (op, backend, TLV_FAST_BACKEND, inputs) -> the name choose() returned
+
+
 def choose(op, backend, inputs: Inputs):
-    """The backend that runs `inputs` for public op `op`.
+    """The backend that runs `inputs` for public op `op` (remembered per op, backend, environment and inputs).
 
     backend: a name or a mapping (see :func:`validate`). "auto" (after TLV_FAST_BACKEND, which replaces it) takes
     the first implementation in the family's order for the device that can run the inputs, warning once when it
     passes over a preferred one; an explicit name that cannot run raises RuntimeError listing why.
     """
+    if isinstance(backend, str):
+        key = (op, backend, env(ENV), inputs)
+        name = _chosen.get(key)
+        if name is None:
+            name = _chosen[key] = _choose(op, backend, inputs)
+        return name
+    return _choose(op, backend, inputs)
+
+
+def _choose(op, backend, inputs):
     fam = FAMILIES[_PUBLIC[op]]
     if isinstance(backend, Mapping):
         backend = validate(backend)
@@ -238,14 +252,10 @@ def choose(op, backend, inputs: Inputs):
                        "; ".join(f"{n}: " + ", ".join(r) for n, r in skipped))
 
 
-def supported(op, backend, inputs: Inputs):
-    """(backend name, []) that `choose` would pick, or (None, reasons) when none can run `inputs` (no warning)."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return choose(op, backend, inputs), []
-    except RuntimeError as e:
-        return None, [str(e)]
+def forget():
+    """Forget the remembered choices and the warnings already given (tests that expect a warning again)."""
+    _warned.clear()
+    _chosen.clear()
 
 
 # ------------------------------------------------------------------------------------------------------------------

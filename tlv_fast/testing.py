@@ -2,7 +2,8 @@
 leaves unwritten or draws differently from the reference. The ops call the two small hooks below; this module imports
 nothing of tlv_fast at import time."""
 import contextlib
-import os
+
+from ._env import env
 
 _seed_recorders = []  # lists that record_dropout_seeds() hands out; the attention op appends each seed it draws
 _poison = []          # stack of poison_outputs() settings; empty: the environment variable TLV_FAST_POISON decides
@@ -10,12 +11,15 @@ _poison = []          # stack of poison_outputs() settings; empty: the environme
 
 def poison_enabled():
     """True when kernel outputs are to be filled with NaN before the kernel writes them (read at each call)."""
-    return _poison[-1] if _poison else os.environ.get("TLV_FAST_POISON", "0") == "1"
+    return _poison[-1] if _poison else env("TLV_FAST_POISON", "0") == "1"
 
 
-def poison(t):
-    """Fill `t` with NaN when poisoning is on (an output element a kernel forgets then fails a test); return t."""
-    return t.fill_(float("nan")) if poison_enabled() and t.is_floating_point() else t
+def poison(t, enabled=None):
+    """Fill `t` with NaN when poisoning is on (an output element a kernel forgets then fails a test); return t.
+    enabled: the caller's poison_enabled() when it allocates several outputs (one environment read)."""
+    if enabled is None:
+        enabled = poison_enabled()
+    return t.fill_(float("nan")) if enabled and t.is_floating_point() else t
 
 
 @contextlib.contextmanager

@@ -157,7 +157,7 @@ def test_sdpa_override_routes_and_falls_back_once(monkeypatch):
     assert F.scaled_dot_product_attention is torch._C._nn.scaled_dot_product_attention or len(calls) == 1
     q = torch.randn(2, 1, 4, 5, 8, device=DEVICE)  # batch dims (2, 1) vs (1, 3): torch broadcasts, tlv_fast does not
     k = torch.randn(1, 3, 4, 6, 8, device=DEVICE)
-    tlv_fast.backends._warned.clear()  # another test may have seen this pattern already
+    tlv_fast.backends.forget()  # another test may have seen this pattern already
     with tlv_fast.sdpa_override():
         with pytest.warns(RuntimeWarning, match="falling back"):
             out = F.scaled_dot_product_attention(q, k, k)

@@ -5,12 +5,26 @@ import torch
 from torch import Tensor
 
 from .. import backends, reference, testing
-from ._common import FLOAT_DTYPES, TRITON_DTYPES, check_precision, empty_layout, no_double_backward, triton_runtime
+from ._common import (
+    FLOAT_DTYPES,
+    TRITON_DTYPES,
+    call,
+    check_precision,
+    eager_twin,
+    empty_layout,
+    no_double_backward,
+    triton_runtime,
+)
 from .sdpa import MAX_HEAD_DIM
+
+_modules = {}
 
 
 def _kernels():
-    from ..kernels import relpos_attention as kernels  # lazy, as in ops.sdpa
+    kernels = _modules.get("relpos")
+    if kernels is None:  # lazy, as in ops.sdpa
+        from ..kernels import relpos_attention as kernels
+        _modules["relpos"] = kernels
     return kernels
 
 
@@ -24,9 +38,8 @@ REFERENCE = FAMILY.declare(backends.Implementation(
     summary="materialises N × N logits"))
 
 
-@torch.library.custom_op("tlv_fast::relpos_attention_fwd", mutates_args=())
-def _relpos_fwd(q: Tensor, k: Tensor, v: Tensor, qr: Tensor, kr: Tensor, offset_sign: int, mask_upper: bool,
-                return_logits: bool, precision: str) -> tuple[Tensor, Tensor, Tensor]:
+def _fwd_impl(q: Tensor, k: Tensor, v: Tensor, qr: Tensor, kr: Tensor, offset_sign: int, mask_upper: bool,
+              return_logits: bool, precision: str) -> tuple[Tensor, Tensor, Tensor]:
     B, H, n_q, _ = q.shape
     n_k = k.shape[2]
     out = empty_layout(q, (B, H, n_q, v.shape[3]))
@@ -35,6 +48,9 @@ def _relpos_fwd(q: Tensor, k: Tensor, v: Tensor, qr: Tensor, kr: Tensor, offset_
     _kernels().relpos_attention_fwd(q, k, v, qr, kr, out, lse, logits if return_logits else None, offset_sign,
                                     mask_upper, precision)
     return out, lse, logits
+
+
+_relpos_fwd = torch.library.custom_op("tlv_fast::relpos_attention_fwd", mutates_args=())(_fwd_impl)
 
 
 @_relpos_fwd.register_fake
@@ -80,6 +96,7 @@ def _backward(ctx, dout, _dlse, dlogits):
 
 _relpos_fwd.register_autograd(_backward, setup_context=_setup_context)
 no_double_backward("tlv_fast::relpos_attention_bwd", "relpos_attention")
+_eager = eager_twin(_fwd_impl, _setup_context, _backward)
 
 
 def relpos_attention(q, k, v, qr, kr, offset_sign=1, mask_upper=False, return_logits=False, backend="auto", *,
@@ -136,6 +153,7 @@ def relpos_attention(q, k, v, qr, kr, offset_sign=1, mask_upper=False, return_lo
     chosen = backends.choose("relpos_attention", backend, inputs)
     if chosen == "reference":
         return reference.relpos_attention(q, k, v, qr, kr, offset_sign, mask_upper, return_logits)
-    out, _, logits = torch.ops.tlv_fast.relpos_attention_fwd(q, k, v, qr, kr, int(offset_sign), bool(mask_upper),
-                                                             bool(return_logits), fp32_precision)
+    out, _, logits = call(torch.ops.tlv_fast.relpos_attention_fwd, _fwd_impl, _eager,
+                          (q, k, v, qr, kr, int(offset_sign), bool(mask_upper), bool(return_logits), fp32_precision),
+                          (q, k, v, qr, kr))
     return (out, logits) if return_logits else out
