@@ -29,9 +29,9 @@ UNITS = {"tflops": "TFLOP/s", "gbps": "GB/s against the one-read-one-write floor
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["overhead"]:  # its own process setup (a stand-in sm_90 driver): before anything loads triton
-        from . import overhead
-        return overhead.main(argv[1:])
+    if argv[:1] in (["overhead"], ["compile-stats"]):  # a stand-in sm_90 driver: before anything loads triton
+        from . import compile_stats, overhead
+        return {"overhead": overhead, "compile-stats": compile_stats}[argv[0]].main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("op", nargs="?", default="attention", choices=list(OPS))

@@ -442,73 +442,116 @@ def _dropout_mask_kernel(Out, Seed, N_Q, N_K, dropout_p, BLOCK_M: tl.constexpr, 
 # interpreter and force_blocks() use one tile (common.launch)
 # ----------------------------------------------------------------------------------------------------------------
 _TUNE_KEY = ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "HEAD_DIM_V", "IS_CAUSAL", "MASK_KIND", "HAS_DROPOUT"]
-SMEM_BUDGET = 200 * 1024  # bytes; H100/H200 allow 227 KB per block, leave room for the compiler's scratch
+SMEM_LIMIT = 227 * 1024  # bytes per block on H100/H200 (the opt-in maximum)
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages, largest padded head dim without spills for sm_90 in the plain variant,
+# the same in the heavy one -- a mask read as a full tile, dropout or a mask gradient -- 0: never). Measured with
+# `python -m benchmarks compile-stats --which all` (benchmarks/RESULTS.md); tests/kernels/test_compile.py keeps the
+# spill column at zero for every tile the launcher may pick. 16-row tiles serve decode (few query rows, no wgmma);
+# the single-warpgroup ones are those of Triton's fused-attention tutorial (fwd 128x64 w4, dK/dV 32x128 w4,
+# dQ 128x32 w4).
+FWD_TILES = [(128, 64, 4, 3, 64, 0), (128, 128, 8, 3, 128, 0), (128, 128, 8, 2, 128, 0), (128, 64, 8, 3, 256, 128),
+             (128, 64, 8, 4, 128, 128), (128, 32, 8, 4, 256, 128), (128, 32, 4, 4, 128, 0), (64, 64, 4, 3, 256, 128),
+             (64, 32, 4, 4, 256, 128), (64, 32, 8, 3, 256, 256), (16, 64, 4, 4, 256, 256), (16, 128, 4, 3, 128, 0)]
+DKDV_TILES = [(32, 128, 4, 3, 64, 0), (32, 128, 8, 3, 128, 64), (64, 128, 8, 3, 128, 0), (32, 64, 4, 3, 128, 64),
+              (32, 64, 4, 4, 128, 64), (64, 64, 4, 3, 64, 0), (16, 128, 8, 3, 128, 128), (16, 64, 4, 2, 128, 128),
+              (16, 64, 8, 2, 256, 128), (32, 32, 8, 2, 256, 256), (64, 32, 8, 2, 256, 128)]
+DQ_TILES = [(128, 32, 4, 3, 64, 0), (128, 32, 8, 3, 256, 128), (128, 64, 8, 3, 128, 64), (128, 64, 8, 2, 128, 0),
+            (64, 64, 4, 3, 128, 64), (64, 32, 4, 3, 256, 128), (32, 64, 8, 3, 256, 256), (16, 64, 4, 3, 256, 128)]
+
+
+def heavy(args):
+    """The register-hungry variant: a mask read as a full tile, dropout, or a mask gradient."""
+    full_mask = args.get("MASK_KIND", MASK_NONE) != MASK_NONE and args.get("MASK_BCAST") == BCAST_NONE
+    return full_mask or args.get("HAS_DROPOUT", False) or args.get("STORE_DMASK", False)
 
 
 def _bucket(n):
     return next_pow2(max(int(n), 1))
 
 
-def _prune(q_rows, k_rows, operands):
-    # drop tiles whose pipelined operands exceed the shared-memory budget or the problem itself
+def smem_bytes(kind, tile, elt, d, dv, mask_elt=0, mask_tile=False):
+    """Shared memory a tile of kernel `kind` ("fwd", "dkdv", "dq") takes on sm_90, as the compiler lays it out: the
+    operand held for the whole program once, the streamed ones once per pipeline stage, and a mask read as a tile
+    (mask_tile) streamed the same way (checked against the compiled kernels in tests/kernels/test_compile.py).
+    mask_elt: bytes per mask element (0: no mask)."""
+    bm, bn, _, stages = tile[:4]
+    masked = max(stages - 1, 1) * mask_elt * (bm * bn if mask_tile else bn)
+    if kind == "fwd":  # Q held; K and V streamed
+        return elt * (bm * d + stages * bn * (d + dv)) + masked
+    if kind == "dkdv":  # K and V held; Q and dO streamed; lse and Delta rows
+        return elt * (bn * (d + dv) + stages * bm * (d + dv)) + 8 * stages * bm + masked
+    return elt * (bm * (d + dv) + stages * bn * (d + dv)) + masked  # dq: Q and dO held; K and V streamed
+
+
+def _mask_smem(args):
+    """(bytes per mask element, read as a tile) of a launch's mask arguments."""
+    if args.get("MASK_KIND", MASK_NONE) == MASK_NONE:
+        return 0, False
+    return args["Mask"].element_size(), args["MASK_BCAST"] == BCAST_NONE
+
+
+def _prune(kind, tiles):
+    """Autotune candidates for these arguments: tiles within their spill-free head dim (for this variant) and the
+    shared memory, no 16-row query tiles for more than 16 query rows (fwd, dQ), none much larger than the problem."""
+    max_d = {t[:4]: t[4:] for t in tiles}
+
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        elt = args["Q"].element_size()
-        d, dv = args["BLOCK_D"], args["BLOCK_DV"]
+        elt, d, dv = args["Q"].element_size(), args["BLOCK_D"], args["BLOCK_DV"]
         n_q, n_k = args["N_Q"], args["N_K"]
+        mask_elt, mask_tile = _mask_smem(args)
+        limit = 1 if heavy(args) else 0
         kept = []
         for c in configs:
-            bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-            smem = elt * (operands(bm, bn, d, dv) * max(c.num_stages - 1, 1))
-            too_big = (q_rows(bm, bn) > 16 and q_rows(bm, bn) >= 2 * _bucket(n_q)) or \
-                      (k_rows(bm, bn) > 16 and k_rows(bm, bn) >= 2 * _bucket(n_k))
-            if smem <= SMEM_BUDGET and not too_big:
-                kept.append(c)
+            tile = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+            bm, bn = tile[:2]
+            if max(d, dv) > max_d[tile][limit] or smem_bytes(kind, tile, elt, d, dv, mask_elt, mask_tile) > SMEM_LIMIT:
+                continue
+            if kind != "dkdv" and bm == 16 and n_q > 16:
+                continue
+            if (bm > 16 and bm >= 2 * _bucket(n_q)) or (bn > 16 and bn >= 2 * _bucket(n_k)):
+                continue
+            kept.append(c)
         return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
     return prune
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages); ptxas for sm_90 (tests/kernels/test_compile.py) reports no spills
-# for these at D = 64 and 128 except the 128x128 forward at D = 128, kept for D <= 64. BLOCK_M = 16 serves decode.
-# The single-warpgroup tiles are those of Triton's fused-attention tutorial (fwd 128x64 w4, dK/dV 32x128 w4,
-# dQ 128x32 w4).
-FWD_CONFIGS = [(128, 64, 4, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4),
-               (128, 32, 8, 4), (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 4), (16, 64, 4, 4), (16, 128, 4, 3)]
-DKDV_CONFIGS = [(32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 3), (32, 64, 4, 3), (32, 64, 4, 4), (64, 64, 4, 3),
-                (16, 128, 8, 3), (16, 64, 4, 2)]
-DQ_CONFIGS = [(128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3),
-              (16, 64, 4, 3)]
+def _width(args):
+    return max(args.get("BLOCK_D", 64), args.get("BLOCK_DV", 64))
 
 
 def _pinned_fwd(args):
-    """The forward's tile without autotuning: decode shapes (few query rows) take 16-row tiles, head dims above 128
-    smaller tiles (registers), the rest the tutorial's single-warpgroup 128 x 64."""
+    """The forward's tile without autotuning (spill-free for the variant): decode shapes (few query rows) take
+    16-row tiles; otherwise the single-warpgroup 128 x 64 up to head dim 64, two warpgroups at 128, smaller beyond."""
+    d, h = _width(args), heavy(args)
     if args.get("N_Q", 128) <= 16:
-        return (16, 128, 4, 3)
-    if args.get("BLOCK_D", 64) > 128 or args.get("BLOCK_DV", 64) > 128:
-        return (64, 32, 4, 4)
-    return (128, 64, 4, 3)
+        return (16, 128, 4, 3) if d <= 128 and not h else (16, 64, 4, 4)
+    if d <= 64 and not h:
+        return (128, 64, 4, 3)
+    return (128, 64, 8, 3) if d <= 128 else (64, 32, 8, 3)
 
 
 def _pinned_dkdv(args):
-    if args.get("BLOCK_D", 64) > 128 or args.get("BLOCK_DV", 64) > 128:
-        return (16, 64, 4, 2)
-    return (16, 128, 8, 3) if args.get("N_Q", 128) <= 16 else (32, 128, 4, 3)
+    d, h = _width(args), heavy(args)
+    if h:
+        return (32, 128, 8, 3) if d <= 64 else (16, 128, 8, 3) if d <= 128 else (32, 32, 8, 2)
+    return (32, 128, 4, 3) if d <= 64 else (32, 128, 8, 3) if d <= 128 else (16, 64, 8, 2)
 
 
 def _pinned_dq(args):
-    if args.get("BLOCK_D", 64) > 128 or args.get("BLOCK_DV", 64) > 128:
-        return (64, 32, 4, 3)
-    return (16, 64, 4, 3) if args.get("N_Q", 128) <= 16 else (128, 32, 4, 3)
+    d, h = _width(args), heavy(args)
+    if args.get("N_Q", 128) <= 16:
+        return (16, 64, 4, 3) if d <= 128 or not h else (32, 64, 8, 3)
+    if d <= 64 and not h:
+        return (128, 32, 4, 3)
+    return (128, 32, 8, 3) if d <= 128 else (32, 64, 8, 3) if h else (64, 32, 4, 3)
 
 
-_rows_m, _rows_n = (lambda m, n: m), (lambda m, n: n)
-tuning(_attn_fwd_kernel, FWD_CONFIGS, _TUNE_KEY, _prune(_rows_m, _rows_n, lambda m, n, d, dv: n * (d + dv)),
-       pinned=_pinned_fwd)
-tuning(_attn_bwd_dkdv_kernel, DKDV_CONFIGS, _TUNE_KEY + ["STORE_DMASK"],
-       _prune(_rows_m, _rows_n, lambda m, n, d, dv: m * (d + dv)), pinned=_pinned_dkdv)
-tuning(_attn_bwd_dq_kernel, DQ_CONFIGS, _TUNE_KEY, _prune(_rows_m, _rows_n, lambda m, n, d, dv: n * (d + dv)),
-       pinned=_pinned_dq)
+tuning(_attn_fwd_kernel, [t[:4] for t in FWD_TILES], _TUNE_KEY, _prune("fwd", FWD_TILES), pinned=_pinned_fwd)
+tuning(_attn_bwd_dkdv_kernel, [t[:4] for t in DKDV_TILES], _TUNE_KEY + ["STORE_DMASK"], _prune("dkdv", DKDV_TILES),
+       pinned=_pinned_dkdv)
+tuning(_attn_bwd_dq_kernel, [t[:4] for t in DQ_TILES], _TUNE_KEY, _prune("dq", DQ_TILES), pinned=_pinned_dq)
 
 
 def _grid(rows, axis, others):

@@ -1,0 +1,56 @@
+"""The kernels compile for sm_90 (H100/H200) through the launch path a real call takes (Triton's binder and
+specialisations, our launcher), without a GPU: benchmarks/compile_stats.py in a fresh process. Every tile the
+launcher may pick -- the pinned one, and (--slow) every autotune candidate kept after pruning -- must not spill,
+must fit the shared memory its pruning formula predicts, and must use Hopper's wgmma where its tile allows.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from helpers import HAS_CUDA, REPO
+
+pytestmark = pytest.mark.skipif(HAS_CUDA, reason="a GPU run compiles the kernels for real")
+
+
+def _rows(call):
+    code = f"import json; from benchmarks import compile_stats as cs; print(json.dumps({call}))"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def _check(rows):
+    assert rows
+    for r in rows:
+        name = f"{r['case']} {r['kernel']} {r['tile']} w{r['warps']} s{r['stages']}"
+        assert r["spill_bytes"] == 0, f"{name}: {r['spill_bytes']} bytes of spills"
+        assert r["smem_KiB"] <= 227, f"{name}: {r['smem_KiB']} KiB of shared memory"
+        assert r["smem_formula_KiB"] >= r["smem_KiB"] - 0.05, f"{name}: pruning formula below the real use"
+        rows_of_mma = int(r["tile"].split("x")[1 if "dkdv" in r["kernel"] else 0])
+        assert r["wgmma"] or rows_of_mma < 64 or r["kernel"].endswith("dkdv_kernel"), f"{name}: no wgmma"
+
+
+def test_pinned_tiles_at_the_milestone_head_dims_and_their_variants():
+    variants = [("D80 causal float-mask dropout fp16", dict(d=80, dtype="fp16", n=512, causal=True, mask="float",
+                                                            dropout=0.1)),
+                ("D64 key padding bf16", dict(d=64, dtype="bf16", n=512, mask="keypad"))]
+    _check(_rows(f"cs.rows((64, 128), 'bf16', 'pinned', relpos=False, variants={variants!r})"))
+
+
+def test_relative_position_kernels_lower_for_sm90():
+    rows = _rows("cs.rows((), 'bf16', 'pinned', relpos=True)")
+    assert {r["kernel"] for r in rows} == {"_relpos_fwd_kernel", "_relpos_bwd_kernel"}
+    assert all(r["wgmma"] for r in rows)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp32"])
+def test_every_autotune_candidate(dtype):
+    heavy = [(f"D{d} causal float-mask dropout {dtype}", dict(d=d, dtype=dtype, n=512, causal=True, mask="float",
+                                                               dropout=0.1)) for d in (64, 128, 256)]
+    _check(_rows(f"cs.rows((64, 128, 256), {dtype!r}, 'all', relpos=False, causal=(False, True), "
+                 f"variants={heavy!r})"))
