@@ -2,29 +2,36 @@
 
     python -m benchmarks attention --preset milestone          # B=4 H=16 N=4096, every provider
     python -m benchmarks attention --preset sweep --dtype fp16  # N = 512..16384
-    python -m benchmarks attention --preset models              # ViT / BERT / GPT-decode / STTR shapes
+    python -m benchmarks attention --preset models              # ViT / BERT (padded, varlen) / GPT decode / STTR
     python -m benchmarks sinkhorn --preset h200 --dtype fp32    # 960 problems of 321 x 321, 10 iterations
     python -m benchmarks sinkhorn --preset cpu --dtype fp32     # the C++ CPU path: 64 problems
     python -m benchmarks relpos --preset sttr --dtype fp16      # STTR attention: 960 lines, W = 320, 8 x 16
     python -m benchmarks models --preset anchors                # BERT-base, GPT-2 small, ViT-B/16 vs transformers
     python -m benchmarks sttr --preset h200                     # STTR 960x540 / 1080p inference, 640x384 training
+    python -m benchmarks summary DIR                            # the tables of DIR/*.csv (gpu_check.sh's summary)
+
+Several runs in one process (one CUDA context, one torch.compile warm-up): separate them with `::`, e.g.
+    python -m benchmarks attention --providers flex :: sinkhorn --preset h200 --providers compiled
+
+Every row goes to the CSV and to stderr the moment it is measured (a run cut short keeps what it measured); the
+PNG is drawn at the end. Columns: `ms` is the median of triton.testing.do_bench (back-to-back calls: host launch
+overhead included); `graph_ms` (attention's model shapes) is one call replayed from a CUDA graph (no host overhead).
 
 Attention on a machine without CUDA runs the tiny `smoke` preset and says that the numbers are not speed. The
-Sinkhorn `cpu` preset measures the C++ CPU implementation, which is what runs on CPU tensors.
+Sinkhorn `cpu` preset measures the C++ CPU implementation, which is what runs on CPU tensors. `--tiny` shrinks any
+preset's cases to interpreter size with one timed call each (the dry run of benchmarks/gpu_check.sh).
 """
 import argparse
+import csv
+import glob
 import os
 import sys
 
-import torch
-
-from . import attention, models, relpos, sinkhorn, sttr
-from .common import Progress, bench_ms, environment, plot, print_table, write_csv
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
-OPS = {"attention": attention, "sinkhorn": sinkhorn, "relpos": relpos, "models": models, "sttr": sttr}
-UNITS = {"tflops": "TFLOP/s", "gbps": "GB/s against the one-read-one-write floor", "ms": "median ms",
+UNITS = {"tflops": "TFLOP/s", "gbps": "GB/s against the one-read-one-write floor",
+         "ms": "median ms (do_bench: host launch overhead included)",
+         "graph_ms": "ms per CUDA-graph replay (no host launch overhead)",
          "peak_MiB": "MiB peak memory beyond the inputs"}
+SEPARATOR = "::"
 
 
 def main(argv=None):
@@ -32,18 +39,56 @@ def main(argv=None):
     if argv[:1] in (["overhead"], ["compile-stats"]):  # a stand-in sm_90 driver: before anything loads triton
         from . import compile_stats, overhead
         return {"overhead": overhead, "compile-stats": compile_stats}[argv[0]].main(argv[1:])
+    if argv[:1] == ["summary"]:  # no torch: cheap enough to run after every stage of gpu_check.sh
+        for path in argv[1:] or ["bench_out"]:
+            print(summary(path))
+        return 0
+    runs, current = [], []
+    for a in argv:
+        if a == SEPARATOR:
+            runs.append(current)
+            current = []
+        else:
+            current.append(a)
+    runs.append(current)
+    status = 0
+    for run_argv in runs:
+        status = max(status, run(run_argv))
+    return status
+
+
+def _parser():
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("op", nargs="?", default="attention", choices=list(OPS))
+    p.add_argument("op", nargs="?", default="attention", choices=["attention", "sinkhorn", "relpos", "models", "sttr"])
     p.add_argument("--preset", default=None, help="attention: milestone, sweep, models, smoke; "
                                                   "sinkhorn: h200, cpu, sizes, smoke; relpos: sttr, smoke; "
                                                   "models: anchors, smoke; sttr: h200, smoke")
-    p.add_argument("--providers", default=None, help="comma-separated subset of the op's providers")
-    p.add_argument("--dtype", default=None, choices=list(DTYPES),
+    p.add_argument("--providers", default=None, help="comma-separated subset of the op's providers, in order")
+    p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32", "fp64"],
                    help="default bf16 (attention, models), fp32 (sinkhorn), fp16 (relpos)")
-    p.add_argument("--out", default="bench_out", help="folder for the CSV and the PNG")
-    args = p.parse_args(argv)
-    op = OPS[args.op]
+    p.add_argument("--out", default=os.environ.get("BENCH_OUT", "bench_out"),
+                   help="folder for the CSV and the PNG (default $BENCH_OUT, else bench_out)")
+    p.add_argument("--csv", default=os.environ.get("BENCH_CSV"),
+                   help="append the rows to this CSV instead of OUT/<op>-<preset>-<dtype>-<device>.csv "
+                        "(default $BENCH_CSV)")
+    p.add_argument("--tiny", action="store_true", default=os.environ.get("BENCH_TINY") == "1",
+                   help="shrink every case to interpreter size, one timed call each: checks that the run works, "
+                        "not speed (default on when BENCH_TINY=1)")
+    p.add_argument("--no-png", action="store_true", default=os.environ.get("BENCH_NO_PNG") == "1",
+                   help="no plot (default on when BENCH_NO_PNG=1)")
+    return p
+
+
+def run(argv):
+    args = _parser().parse_args(argv)
+    import torch
+
+    from . import attention, common, models, relpos, sinkhorn, sttr
+    from .common import Progress, RowLog, bench_ms, environment, plot, print_table
+
+    dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
+    op = {"attention": attention, "sinkhorn": sinkhorn, "relpos": relpos, "models": models, "sttr": sttr}[args.op]
     cpu = not torch.cuda.is_available()
     dtype_name = args.dtype or {"sinkhorn": "fp32", "relpos": "fp16", "models": "fp32" if cpu else "bf16",
                                 "sttr": "fp32" if cpu else "fp16"}.get(args.op, "bf16")
@@ -51,27 +96,39 @@ def main(argv=None):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     env = environment()
     preset = args.preset or op.default_preset(device)
-    not_speed = device == "cpu" and args.op != "sinkhorn"
+    not_speed = args.tiny or (device == "cpu" and args.op != "sinkhorn")
     if not_speed:
-        print(f"No CUDA device: {args.op} runs on the CPU. THESE NUMBERS ARE NOT SPEED; they only show that the "
-              "runner works (tlv_fast resolves to its reference backend on CPU tensors).")
+        print(f"{'Tiny shapes' if args.tiny else 'No CUDA device'}: {args.op} runs on the {device.upper()}. THESE "
+              "NUMBERS ARE NOT SPEED; they only show that the runner works.", flush=True)
     providers = args.providers.split(",") if args.providers else (op.PROVIDERS if device == "cuda" else
                                                                   op.CPU_PROVIDERS)
     cases = op.presets(preset)
+    if args.tiny:
+        cases = [op.tiny(c) for c in cases]
+        common.CPU_REPS = 1
+    autotune = os.environ.get("TLV_FAST_AUTOTUNE") == "1"
     print(f"{args.op} / {preset} / {dtype_name} on {env['device']} (torch {env['torch']}, triton {env['triton']}, "
-          f"{env['date']})")
+          f"{env['date']}){' TLV_FAST_AUTOTUNE=1' if autotune else ''}", flush=True)
 
+    stem = os.path.join(args.out, f"{args.op}-{preset}-{dtype_name}-{device}")
+    if args.csv:  # the PNG named after the CSV too: two stages running one preset keep both plots
+        stem = os.path.join(args.out, f"{os.path.splitext(os.path.basename(args.csv))[0]}-{os.path.basename(stem)}")
+    log = RowLog(args.csv, append=True) if args.csv else RowLog(stem + ".csv")
     rows = []
-    progress = Progress(len(cases) * len(providers), preset)
+    progress = Progress(len(cases) * len(providers), f"{args.op} {preset}")
     for case in cases:
         for prov in providers:
-            r = op.run_case(case, prov, DTYPES[dtype_name], device, bench_ms)
+            r = op.run_case(case, prov, dtypes[dtype_name], device, bench_ms)
+            if prov == "tlv_fast" and autotune:  # the autotuned tiles, told apart from the pinned ones
+                r["provider"] = "tlv_fast-autotune"
+            r.update({"op": args.op, "preset": preset, **{k: env[k] for k in ("date", "device", "torch", "triton")}})
             rows.append(r)
-            progress.step(f"{case.name} {case.mode} {prov}: " + (
-                f"{r['ms']:.3f} ms {r[op.METRIC]:.1f} {UNITS[op.METRIC].split()[0]}" if r["status"] == "ok"
-                else r["status"]))
+            log.add(r)
+            progress.step(_line(r, op.METRIC))
 
-    metrics = list(dict.fromkeys([op.METRIC, "ms"] + (["peak_MiB"] if any("peak_MiB" in r for r in rows) else [])))
+    metrics = list(dict.fromkeys([op.METRIC, "ms"] + [m for m in ("graph_ms", "peak_MiB")
+                                                      if any(m in r for r in rows)]))
+    labels = list(dict.fromkeys(r["provider"] for r in rows))
     for metric in metrics:
         table = []
         for case in cases:
@@ -80,26 +137,83 @@ def main(argv=None):
                 if r["case"] == case.name and r["mode"] == case.mode:
                     line[r["provider"]] = r.get(metric) if r["status"] == "ok" else r["status"][:3]
             table.append(line)
-        print_table(table, ["case", "mode", *providers], UNITS[metric])
-    failed = [r for r in rows if r["status"] != "ok" and not r["status"].startswith("n/a")]
+        print_table(table, ["case", "mode", *labels], UNITS[metric])
+    errors = [r for r in rows if r["status"] != "ok" and not r["status"].startswith("n/a")]
     for r in rows:
         if r["status"] != "ok":
-            print(f"  {r['provider']:>15} {r['case']} {r['mode']}: {r['status']}")
+            print(f"  {r['provider']:>17} {r['case']} {r['mode']}: {r['status']}")
         elif r.get("max_err") is not None and r["max_err"] > 0.05:
             print(f"  WARNING {r['provider']} {r['case']} {r['mode']}: max error {r['max_err']:.3g} vs the reference")
+        if r.get("graph_note"):
+            print(f"  {r['provider']:>17} {r['case']} {r['mode']}: CUDA graph {r['graph_note']}")
+    print(f"\nCSV: {log.path}", flush=True)
+    if not args.no_png:
+        unit = UNITS[op.METRIC].split()[0]
+        for r in rows:
+            r[unit] = r.get(op.METRIC)
+        try:
+            png = plot([r for r in rows if r["status"] == "ok"], stem + ".png", "size", unit, "provider", "panel",
+                       f"{args.op} {preset} {dtype_name}, {env['device']}" + (" (not speed)" if not_speed else ""))
+            if png:
+                print(f"PNG: {png}")
+        except Exception as e:  # the plot is never required: the CSV has the numbers
+            print(f"no plot: {type(e).__name__}: {e}")
+    return 1 if errors else 0
 
-    stem = os.path.join(args.out, f"{args.op}-{preset}-{dtype_name}-{device}")
-    for r in rows:
-        r.update({k: env[k] for k in ("date", "device", "torch", "triton")})
-    print(f"\nCSV: {write_csv(rows, stem + '.csv')}")
-    unit = UNITS[op.METRIC].split()[0]
-    for r in rows:
-        r[unit] = r.get(op.METRIC)
-    png = plot([r for r in rows if r["status"] == "ok"], stem + ".png", "size", unit, "provider", "panel",
-               f"{args.op} {preset} {dtype_name}, {env['device']}" + (" (CPU: not speed)" if not_speed else ""))
-    if png:
-        print(f"PNG: {png}")
-    return 1 if failed else 0
+
+def _line(r, metric):
+    """One row as its log line: the numbers, or the status."""
+    if r["status"] != "ok":
+        text = r["status"]
+    else:
+        unit = UNITS[metric].split()[0]
+        text = f"{r['ms']:.3f} ms" + (f" {r[metric]:.1f} {unit}" if metric != "ms" else "")
+        if r.get("graph_ms") is not None:
+            text += f", graph {r['graph_ms']:.3f} ms"
+        if r.get("peak_MiB") is not None:
+            text += f", peak {r['peak_MiB']:.0f} MiB"
+        if r.get("max_err") is not None:
+            text += f", max err {r['max_err']:.2g}"
+    if r.get("graph_note"):
+        text += f" (graph: {r['graph_note']})"
+    return f"{r['case']} {r['mode']} {r['provider']}: {text}"
+
+
+def _cell(r):
+    if r.get("status") != "ok":
+        return (r.get("status") or "?")[:22]
+    text = f"{float(r['ms']):.3f}ms"
+    if r.get("op") == "attention" and r.get("tflops"):
+        text = f"{float(r['tflops']):.3g}TF " + text
+    if r.get("graph_ms"):
+        text += f" g{float(r['graph_ms']):.3f}"
+    if r.get("peak_MiB"):
+        text += f" {float(r['peak_MiB']):.0f}MiB"
+    return text
+
+
+def summary(path):
+    """Every CSV under `path` (a folder, sorted by name, or one file) as a table: a line per case and mode, a column
+    per provider; cells are TFLOP/s (attention), do_bench ms, gNNN the CUDA-graph replay ms, peak MiB, or the
+    status. Reads the CSVs only (no torch)."""
+    files = sorted(glob.glob(os.path.join(path, "*.csv"))) if os.path.isdir(path) else \
+        [path] if os.path.isfile(path) else []
+    out = []
+    for f in files:
+        with open(f, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        if not rows:
+            continue
+        keys = list(dict.fromkeys((r.get("case", ""), r.get("mode", "")) for r in rows))
+        providers = list(dict.fromkeys(r.get("provider", "") for r in rows))
+        cells = {(r.get("case", ""), r.get("mode", ""), r.get("provider", "")): _cell(r) for r in rows}
+        table = [[c, m, *(cells.get((c, m, p), "-") for p in providers)] for c, m in keys]
+        header = ["case", "mode", *providers]
+        widths = [max(len(str(x)) for x in col) for col in zip(header, *table)]
+        out.append(f"{os.path.basename(f)} ({len(rows)} rows)")
+        for line in [header, *table]:
+            out.append("  " + "  ".join(str(x).ljust(w) for x, w in zip(line, widths)).rstrip())
+    return "\n".join(out) if out else f"(no CSV rows under {path} yet)"
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
-"""The one timer, table, CSV and plot of the benchmark runner (every op's bench file uses these)."""
+"""The timers, row log, tables, CSV and plot of the benchmark runner (every op's bench file uses these).
+
+Two timers: `bench_ms` (triton.testing.do_bench: the median of back-to-back calls, host launch overhead included)
+and `graph_ms` (the call captured once in a CUDA graph and replayed: device time without the host's launches).
+"""
 import csv
 import datetime
 import os
@@ -6,8 +10,21 @@ import platform
 import statistics
 import sys
 import time
+import traceback
 
 import torch
+
+CPU_REPS = 5  # timed calls per CPU measurement after one warm-up call; the runner's --tiny sets 1 (no warm-up)
+
+
+class Unavailable(Exception):
+    """A provider cannot run this case here (no CUDA device, a package or function that is absent, an input the
+    provider does not take): the row's status is "n/a: <message>". Any other exception is an error of the row."""
+
+
+def needs_cuda(device, what="needs CUDA"):
+    if device != "cuda":
+        raise Unavailable(what)
 
 
 def environment():
@@ -29,24 +46,80 @@ def bench_ms(fn, device, grad_to_none=None):
     if device == "cuda":
         import triton.testing
         return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
-    fn()
+    if CPU_REPS > 1:
+        fn()
     times = []
-    for _ in range(5):
+    for _ in range(CPU_REPS):
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 
 
+def graph_ms(fn, device, replays=20, repeats=5):
+    """Median milliseconds of one call of fn() replayed from a CUDA graph, timed with CUDA events: fn is warmed up
+    on a side stream, captured once, then `repeats` batches of `replays` replays are timed (no L2 flush between
+    replays). Unlike bench_ms there is no host launch overhead in it. Raises Unavailable off CUDA."""
+    needs_cuda(device)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / replays)
+    del graph
+    return statistics.median(times)
+
+
+def graph_fields(fn, device):
+    """{"graph_ms": ...}, or {"graph_note": why} when there is no CUDA or the capture failed (the row stays ok)."""
+    try:
+        return {"graph_ms": graph_ms(fn, device)}
+    except Unavailable as e:
+        return {"graph_note": f"n/a: {e}"}
+    except Exception as e:  # a call that cannot be captured (a host sync, an allocation outside the graph's pool)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return {"graph_note": f"capture failed: {_first_line(e)}"}
+
+
+def _first_line(e, width=100):
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:width] if text else ''}"
+
+
 def guarded(row, measure, device):
-    """row updated with measure()'s fields and status "ok", or the reason it could not run (oom, n/a: ...)."""
+    """row updated with measure()'s fields and status "ok", or why it has no numbers: "oom"; "n/a: ..." when the
+    provider cannot run the case here (Unavailable, or an optional package that is not installed); "error: ..."
+    for any other exception (its traceback goes to stderr: a bug in the provider or in the benchmark code)."""
     try:
         row.update(measure())
         row["status"] = "ok"
     except torch.cuda.OutOfMemoryError:
         row["status"] = "oom"
-    except Exception as e:  # a provider that cannot run this case (no kernel, missing package, unsupported input)
-        row["status"] = f"n/a: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
+    except Unavailable as e:
+        row["status"] = f"n/a: {e}"
+    except ImportError as e:
+        row["status"] = f"n/a: {_first_line(e, 80)}"
+    except Exception as e:
+        row["status"] = f"error: {_first_line(e)}"
+        print(f"error in {row.get('case')} {row.get('mode')} {row.get('provider')}:", file=sys.stderr)
+        traceback.print_exc()
+        sys.stderr.flush()
     finally:
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -82,13 +155,37 @@ def _fmt(v):
 
 
 def write_csv(rows, path):
+    """Every row, with the union of their keys as columns, written to a temporary file and renamed over `path`: a
+    process killed at any moment leaves the previous complete file or the new one."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     keys = list(dict.fromkeys(k for r in rows for k in r))
-    with open(path, "w", newline="") as f:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(rows)
+    os.replace(tmp, path)
     return path
+
+
+def read_csv(path):
+    if not os.path.exists(path):
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+class RowLog:
+    """The CSV of a run, rewritten after every row (so a run cut short by a timeout keeps every row measured). With
+    append, rows already in the file (an earlier command of the same stage) are kept ahead of the new ones."""
+
+    def __init__(self, path, append=False):
+        self.path = path
+        self.rows = read_csv(path) if append else []
+
+    def add(self, row):
+        self.rows.append(row)
+        write_csv(self.rows, self.path)
 
 
 def plot(rows, path, x, y, series, panel, title):

@@ -20,22 +20,43 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def _captured_launches(module, call):
-    """The (kernel, grid function, args) that `module`'s launch() receives during call()."""
-    seen, real = [], module.launch
+    """The (kernel, grid function, args) that `module`'s launch() or signature_launch() receives during call()."""
+    seen, real = [], {name: getattr(module, name, None) for name in ("launch", "signature_launch")}
+
+    def by_signature(kernel, key, tensors, build, scalars=None, grid=None):
+        grid_fn, args = build()
+        seen.append((kernel, grid or grid_fn, {**args, **tensors, **(scalars or {})}))
     module.launch = lambda kernel, grid, args: seen.append((kernel, grid, dict(args)))
+    module.signature_launch = by_signature
     try:
         call()
     finally:
-        module.launch = real
+        for name, fn in real.items():
+            if fn is None:
+                delattr(module, name)
+            else:
+                setattr(module, name, fn)
     return seen
 
 
-def attention_launches(d, dtype, n=4096, causal=False, mask="none", dropout=0.0):
+def attention_launches(d, dtype, n=4096, causal=False, mask="none", dropout=0.0, varlen=False):
     """The forward, dK/dV and dQ launches of an attention call (B4 H16 N4096 by default). mask: "none", "keypad"
-    (bool (B, 1, 1, N)) or "float" (a float (1, H, N, N) bias whose gradient is formed)."""
+    (bool (B, 1, 1, N)) or "float" (a float (1, H, N, N) bias whose gradient is formed); varlen: the same batch
+    packed (four sequences of n rows, kernels' VARLEN variant)."""
     from tlv_fast.kernels import attention as ka
     B, H = 4, 16
     dtype = DTYPES.get(dtype, dtype)
+    if varlen:
+        packed = torch.empty((B * n, H, d), dtype=dtype).unsqueeze(0).transpose(1, 2)
+        lse = torch.empty(1, H, B * n)
+        cu = torch.arange(0, B * n + 1, n, dtype=torch.int32)
+        kw = dict(varlen=(cu, cu, n, n))
+        fwd = _captured_launches(ka, lambda: ka.attention_fwd(packed, packed, packed, torch.empty_like(packed), lse,
+                                                              None, None, d ** -0.5, 0 if causal else None, **kw))
+        bwd = _captured_launches(ka, lambda: ka.attention_bwd(
+            packed, None, packed, packed, packed, packed, lse, torch.empty_like(packed), torch.empty_like(packed),
+            torch.empty_like(packed), None, None, None, d ** -0.5, 0 if causal else None, **kw))
+        return fwd + bwd
     q = torch.empty((B, H, n, d), dtype=dtype)
     out, lse = torch.empty_like(q), torch.empty(B, H, n)
     m = dm = None
@@ -51,6 +72,17 @@ def attention_launches(d, dtype, n=4096, causal=False, mask="none", dropout=0.0)
                                                           torch.empty_like(q), torch.empty_like(q), dm, m, seed,
                                                           d ** -0.5, offset, dropout))
     return fwd + bwd
+
+
+def decode_launches(d=128, dtype=torch.bfloat16, B=8, H=16, h_kv=16, n_k=8192):
+    """The split-KV launch of one decode step (one query row against an n_k-row cache)."""
+    from tlv_fast.kernels import attention as ka
+    from tlv_fast.kernels import decode
+    dtype = DTYPES.get(dtype, dtype)
+    q = torch.empty((B, H, 1, d), dtype=dtype)
+    kv = torch.empty((B, h_kv, n_k, d), dtype=dtype)
+    return _captured_launches(decode, lambda: ka.attention_fwd(q, kv, kv, torch.empty_like(q), torch.empty(B, H, 1),
+                                                              sm_scale=d ** -0.5))
 
 
 def relpos_launches(dtype=torch.float16):
@@ -93,7 +125,7 @@ def compile_tile(kernel, grid, args, tile):
 _KIND = {"_attn_fwd_kernel": "fwd", "_attn_bwd_dkdv_kernel": "dkdv", "_attn_bwd_dq_kernel": "dq"}
 
 
-def rows(dims=(64, 128), dtype="bf16", which="pinned", relpos=True, causal=(False,), variants=()):
+def rows(dims=(64, 128), dtype="bf16", which="pinned", relpos=True, causal=(False,), variants=(), decode=True):
     """Compile statistics, one dict per (launch, tile). variants: extra (label, attention_launches kwargs)."""
     sm90.install()
     from tlv_fast.kernels import attention as ka
@@ -102,6 +134,9 @@ def rows(dims=(64, 128), dtype="bf16", which="pinned", relpos=True, causal=(Fals
     groups = [(f"attention D{d}{' causal' if c else ''} {dtype}", attention_launches(d, DTYPES[dtype], causal=c))
               for d in dims for c in causal]
     groups += [(label, attention_launches(**kw)) for label, kw in variants]
+    if decode:
+        groups.append(("decode B8 H16 Nq1 Nk8192 D128 bf16", decode_launches()))
+        groups.append(("decode GQA B8 H32/8 Nq1 Nk8192 D128 bf16", decode_launches(H=32, h_kv=8)))
     if relpos:
         groups.append(("relpos STTR 960x320 d16 fp16", relpos_launches()))
     for label, launches in groups:

@@ -9,8 +9,8 @@ from tlv_fast.models import BERT, GPT, ViT
 from .common import guarded
 
 METRIC = "ms"
-PROVIDERS = ["hf-eager", "hf-sdpa", "tlv_fast"]
-CPU_PROVIDERS = ["hf-sdpa", "tlv_fast"]
+PROVIDERS = ["tlv_fast", "hf-sdpa", "hf-eager"]
+CPU_PROVIDERS = ["tlv_fast", "hf-sdpa"]
 
 
 def default_preset(device):
@@ -37,6 +37,11 @@ def presets(name):
                                                                           32, "fwd+bwd"),
                 Case("ViT tiny fwd B2 32", "vit", "tiny", 2, 32)]
     raise ValueError(f"unknown preset {name!r}: anchors, smoke")
+
+
+def tiny(case):
+    """The same model family and mode with the "tiny" config, batch 2 and 32 tokens (a 32-pixel image)."""
+    return dataclasses.replace(case, name=f"{case.name} (tiny)", preset="tiny", B=min(case.B, 2), N=32)
 
 
 def _build(case, provider, dtype, device):

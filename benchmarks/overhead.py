@@ -31,6 +31,17 @@ def cases():
     rq = torch.randn(4, 8, 64, 16, dtype=torch.float16)
     table = torch.randn(127, 8, 16, dtype=torch.float16)
     scores = torch.randn(8, 32, 32)
+    dq = torch.randn(8, 4, 1, 64, dtype=torch.bfloat16)  # a decode step: one query row, a 1024-row cache, GQA 4/2
+    cache = torch.randn(8, 2, 1024, 64, dtype=torch.bfloat16)
+    grow_buf = torch.randn(8, 2, 8192, 64, dtype=torch.bfloat16)
+    step = [1024]
+
+    def growing():  # a KV cache one row longer at every call (views of one buffer, as GPT.generate's cache)
+        step[0] = step[0] + 1 if step[0] < 8000 else 1024
+        kv = grow_buf[:, :, :step[0]]
+        tlv_fast.attention(dq, kv, kv, backend="triton")
+    packed = torch.randn(256, 4, 64, dtype=torch.bfloat16)
+    cu = torch.tensor([0, 100, 130, 256], dtype=torch.int32)
     mu, nu = torch.full((8, 32), -32 ** 0.5), torch.full((8, 32), -32 ** 0.5)
 
     trivial = sm90.trivial_kernel
@@ -52,6 +63,12 @@ def cases():
         "attention fwd, key padding mask, no grad": nograd(
             lambda: tlv_fast.attention(q, k, v, attn_mask=pad, backend="triton")),
         "attention fwd, inputs require grad (autograd node)": lambda: tlv_fast.attention(qg, k, v, backend="triton"),
+        "attention decode step (split-KV + combine), no grad": nograd(
+            lambda: tlv_fast.attention(dq, cache, cache, backend="triton")),
+        "attention decode step, cache one row longer each call, no grad": nograd(growing),
+        "varlen_attention fwd, no grad (lengths not validated)": nograd(
+            lambda: tlv_fast.varlen_attention(packed, packed, packed, cu, cu, 126, 126, backend="triton",
+                                              validate_lengths=False)),
         "relpos_attention fwd, no grad": nograd(
             lambda: tlv_fast.relpos_attention(rq, rq, rq, table, table, backend="triton")),
         "sinkhorn (C++ op stubbed), no grad": nograd(lambda: tlv_fast.sinkhorn(scores, mu, nu, backend="native")),

@@ -1,17 +1,18 @@
 """STTR relative-position attention benchmark: eager (reference: gathered positional logits), FlexAttention with
 precomputed positional-logit tables read in score_mod, tlv_fast. Reports ms and peak memory."""
 import dataclasses
+import os
 
 import torch
 
 import tlv_fast
 from tlv_fast import formulas, reference
 
-from .common import guarded
+from .common import guarded, needs_cuda
 
 METRIC = "ms"
-PROVIDERS = ["eager", "flex-table", "tlv_fast"]
-CPU_PROVIDERS = ["eager", "tlv_fast"]
+PROVIDERS = ["tlv_fast", "eager", "flex-table"]
+CPU_PROVIDERS = ["tlv_fast", "eager"]
 
 
 def default_preset(device):
@@ -40,7 +41,14 @@ def presets(name):
     raise ValueError(f"unknown preset {name!r}: sttr, smoke")
 
 
-def _flex(case):
+def tiny(case):
+    """The same case at a size for Triton's interpreter: 2 sequences, 2 heads, W <= 32."""
+    return dataclasses.replace(case, name=f"{case.name} (tiny)", B=min(case.B, 2), H=min(case.H, 2),
+                               W=min(case.W, 32))
+
+
+def _flex(case, device):
+    needs_cuda(device)
     from torch.nn.attention.flex_attention import flex_attention
     compiled = torch.compile(flex_attention, dynamic=False)
 
@@ -59,15 +67,16 @@ def _flex(case):
     return run
 
 
-def provider_fn(name, case):
+def provider_fn(name, case, device="cuda"):
     if name == "eager":
         return lambda q, k, v, qr, kr, sign, mask, logits: reference.relpos_attention(q, k, v, qr, kr, sign, mask,
                                                                                       logits)
-    if name == "tlv_fast":
+    if name == "tlv_fast":  # the Triton kernel; on a CPU through the interpreter when TRITON_INTERPRET=1 (dry run)
+        backend = "triton" if device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1" else "auto"
         return lambda q, k, v, qr, kr, sign, mask, logits: tlv_fast.relpos_attention(q, k, v, qr, kr, sign, mask,
-                                                                                     logits)
+                                                                                     logits, backend=backend)
     if name == "flex-table":
-        return _flex(case)
+        return _flex(case, device)
     raise ValueError(f"unknown provider {name!r}")
 
 
@@ -83,7 +92,7 @@ def run_case(case, provider, dtype, device, bench_ms):
         grad = case.mode == "fwd+bwd"
         q, k, v = ((0.3 * torch.randn(shape, generator=g)).to(device, dtype).requires_grad_(grad) for _ in range(3))
         qr, kr = ((0.3 * torch.randn(tabs, generator=g)).to(device, dtype).requires_grad_(grad) for _ in range(2))
-        fn = provider_fn(provider, case)
+        fn = provider_fn(provider, case, device)
 
         def call():
             res = fn(q, k, v, qr, kr, 1, case.mask, case.logits)

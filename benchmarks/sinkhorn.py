@@ -8,11 +8,11 @@ import torch
 import tlv_fast
 from tlv_fast import reference
 
-from .common import guarded
+from .common import guarded, needs_cuda
 
 METRIC = "gbps"
-PROVIDERS = ["eager", "compiled", "tlv_fast"]
-CPU_PROVIDERS = ["eager", "tlv_fast"]
+PROVIDERS = ["tlv_fast", "eager", "compiled"]
+CPU_PROVIDERS = ["tlv_fast", "eager"]
 
 
 def default_preset(device):
@@ -46,10 +46,17 @@ def presets(name):
     raise ValueError(f"unknown preset {name!r}: cpu, h200, sizes, smoke")
 
 
+def tiny(case):
+    """The same case at smoke size: 2 problems of at most 33 x 33."""
+    return dataclasses.replace(case, name=f"{case.name} (tiny)", B=min(case.B, 2), M=min(case.M, 33),
+                               N=min(case.N, 33))
+
+
 def provider_fn(name, device):
     if name == "eager":
         return lambda s, a, b, it: reference.sinkhorn(s, a, b, it)
     if name == "compiled":
+        needs_cuda(device)
         return torch.compile(lambda s, a, b, it: reference.sinkhorn(s, a, b, it), dynamic=False)
     if name == "tlv_fast":
         return lambda s, a, b, it: tlv_fast.sinkhorn(s, a, b, it, backend="native")

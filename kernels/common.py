@@ -245,6 +245,14 @@ def launch(kernel, grid, args):
         fast_launch(kernel, grid(meta), {**args, **meta}, warps, stages)
 
 
+def launch_untiled(kernel, grid, args, num_warps=4, num_stages=1):
+    """Launch a kernel without a tile table (its block sizes are arguments) through the same fast path."""
+    if interpreted(kernel):
+        kernel[grid](**args, num_warps=num_warps, num_stages=num_stages)
+    else:
+        fast_launch(kernel, grid, dict(args), num_warps, num_stages)
+
+
 # ---- the fast launcher: Triton's own launch protocol, without its per-call binder ------------------------------
 _jit_info = {}   # kernel -> (JITFunction, [heuristics dicts], {kind: picker of that kind's values})
 _compiled = {}   # (JITFunction, device, key) -> CompiledKernel
@@ -299,9 +307,8 @@ def launch_key(kernel, values):
                   if isinstance(v, int) else type(v) for v in pick["plain"](values)))
 
 
-def fast_launch(kernel, grid, kwargs, num_warps, num_stages):
-    """Launch as JITFunction.run does (the same CompiledKernel.run call, stream and hooks), but find the compiled
-    kernel from a cheap key of the arguments' specialisation instead of running Triton's binder on every call."""
+def _resolve(kernel, kwargs):
+    """(JIT function, positional values, pickers) for keyword `kwargs`, the heuristics' constexprs filled in."""
     info = _jit_info.get(kernel)
     if info is None:  # first launch: the heuristics decide some constexprs, so plan from complete values
         fn, heuristics, _ = _plan(kernel, [])
@@ -313,8 +320,33 @@ def fast_launch(kernel, grid, kwargs, num_warps, num_stages):
         for values in info[1]:
             for name, rule in values.items():
                 kwargs[name] = rule(kwargs)
-    fn, pick = info[0], info[2]
-    vals = [kwargs[name] for name in fn.arg_names]
+    return info[0], [kwargs[name] for name in info[0].arg_names], info[2]
+
+
+def _compiled_for(kernel, fn, vals, pick, grid, device, num_warps, num_stages):
+    """The CompiledKernel for these values: from the specialisation key, compiling on a miss."""
+    key = (fn, device, num_warps, num_stages, launch_key(kernel, vals))
+    compiled = _compiled.get(key)
+    if compiled is None:
+        compiled = fn.run(*vals, grid=grid, warmup=True, num_warps=num_warps, num_stages=num_stages)
+        if hasattr(compiled, "result"):  # an asynchronous compile
+            compiled = compiled.result()
+        _compiled[key] = compiled
+    return compiled
+
+
+def _run(compiled, grid, vals, device):
+    stream = driver.active.get_current_stream(device)
+    g = tuple(grid) + (1, 1)
+    compiled.run(g[0], g[1], g[2], stream, compiled.function, compiled.packed_metadata,  # loads on first use
+                 compiled.launch_metadata(grid, stream, *vals), knobs.runtime.launch_enter_hook,
+                 knobs.runtime.launch_exit_hook, *vals)
+
+
+def fast_launch(kernel, grid, kwargs, num_warps, num_stages):
+    """Launch as JITFunction.run does (the same CompiledKernel.run call, stream and hooks), but find the compiled
+    kernel from a cheap key of the arguments' specialisation instead of running Triton's binder on every call."""
+    fn, vals, pick = _resolve(kernel, kwargs)
     device = driver.active.get_current_device()
     # first level: the exact non-tensor values and tensor dtypes/alignments (a hit costs a tuple and a hash);
     # second level, on a miss: the specialisation key, which shape changes (a growing KV cache) do not alter
@@ -322,19 +354,59 @@ def fast_launch(kernel, grid, kwargs, num_warps, num_stages):
            tuple((t.dtype, t.data_ptr() & 15) for t in pick["tensor"](vals)))
     compiled = _recent.get(raw)
     if compiled is None:
-        key = (fn, device, num_warps, num_stages, launch_key(kernel, vals))
-        compiled = _compiled.get(key)
-        if compiled is None:
-            compiled = fn.run(*vals, grid=grid, warmup=True, num_warps=num_warps, num_stages=num_stages)
-            if hasattr(compiled, "result"):  # an asynchronous compile
-                compiled = compiled.result()
-            _compiled[key] = compiled
+        compiled = _compiled_for(kernel, fn, vals, pick, grid, device, num_warps, num_stages)
         if len(_recent) > 4096:
             _recent.clear()
         _recent[raw] = compiled
-    stream = driver.active.get_current_stream(device)
-    g = tuple(grid) + (1, 1)
-    run = compiled.run  # loads the module on first use
-    run(g[0], g[1], g[2], stream, compiled.function, compiled.packed_metadata,
-        compiled.launch_metadata(grid, stream, *vals), knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook,
-        *vals)
+    _run(compiled, grid, vals, device)
+
+
+# ---- per-signature launches: a call whose non-tensor arguments are all decided by a caller's key ---------------
+_signatures = {}  # (device, caller's key) -> (compiled, grid, positional values without tensors, tensor slots)
+
+
+def signature_launch(kernel, key, tensors, build, scalars=None, grid=None):
+    """Launch `kernel` for a call described by `key` with the tensor arguments `tensors` ({parameter: tensor}, every
+    tensor parameter of the kernel). `key` must be hashable and determine every other argument (except `scalars`),
+    the tensors' dtypes and their 16-byte alignment. On a miss, build() returns (grid function, keyword arguments)
+    as for :func:`launch`; on a hit the recorded positional values are reused with this call's tensors put in place:
+    no argument dict, no heuristics, no specialisation key. The record holds no tensor.
+
+    scalars: {parameter: int} that change from call to call without changing the compiled kernel (a growing KV
+    cache's length): substituted like the tensors, their specialisation (== 1, divisible by 16) added to the key;
+    build() must not read them except into the arguments, and `grid` (a function of the tile's meta-parameters,
+    called at every launch) must then give the grid. Forced tiles, the interpreter and autotuning go through
+    :func:`launch`."""
+    scalars = scalars or {}
+    if _forced or interpreted(kernel) or autotuning():
+        grid_fn, args = build()
+        launch(kernel, grid or grid_fn, {**args, **tensors, **scalars})
+        return
+    device = driver.active.get_current_device()
+    if scalars:
+        key = (key, tuple((v == 1) + 2 * (v & 15 == 0) for v in scalars.values()))
+    entry = _signatures.get((device, key))
+    if entry is None:
+        grid_fn, args = build()
+        args = {**args, **tensors, **scalars}
+        bm, bn, warps, stages = fixed_tile(kernel, args)
+        meta = {"BLOCK_M": bm, "BLOCK_N": bn}
+        fn, vals, pick = _resolve(kernel, {**args, **meta})
+        compiled = _compiled_for(kernel, fn, vals, pick, (grid or grid_fn)(meta), device, warps, stages)
+        slots = tuple((fn.arg_names.index(name), name) for name in tensors)
+        stray = [n for i, n in enumerate(fn.arg_names) if isinstance(vals[i], torch.Tensor) and n not in tensors]
+        if stray:
+            raise RuntimeError(f"signature_launch: tensor parameters {stray} of {fn.__name__} must be in `tensors`")
+        for i, _ in slots:
+            vals[i] = None
+        if len(_signatures) > 4096:
+            _signatures.clear()
+        entry = _signatures[(device, key)] = (compiled, None if grid else grid_fn(meta), tuple(vals), slots,
+                                              tuple((fn.arg_names.index(name), name) for name in scalars), meta)
+    compiled, fixed_grid, vals, slots, scalar_slots, meta = entry
+    vals = list(vals)
+    for i, name in slots:
+        vals[i] = tensors[name]
+    for i, name in scalar_slots:
+        vals[i] = scalars[name]
+    _run(compiled, grid(meta) if grid is not None else fixed_grid, vals, device)

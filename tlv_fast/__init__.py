@@ -5,7 +5,14 @@ triton or touch CUDA; Triton kernels load, and the C++/CUDA ops compile (once, c
 """
 from . import backends, nn
 from .backends import BACKENDS
-from .ops import attention, optimal_transport, relpos_attention, scaled_dot_product_attention, sinkhorn
+from .ops import (
+    attention,
+    optimal_transport,
+    relpos_attention,
+    scaled_dot_product_attention,
+    sinkhorn,
+    varlen_attention,
+)
 
 __version__ = "0.1.0"
 
@@ -28,4 +35,4 @@ def sdpa_override(backend="auto"):
     from .integrations.torch import sdpa_override as _override
     return _override(backend)
 __all__ = ["BACKENDS", "attention", "backends", "nn", "optimal_transport", "patch", "register_hf", "relpos_attention",
-           "scaled_dot_product_attention", "sdpa_override", "sinkhorn", "__version__"]
+           "scaled_dot_product_attention", "sdpa_override", "sinkhorn", "varlen_attention", "__version__"]

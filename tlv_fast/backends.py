@@ -213,7 +213,9 @@ def choose(op, backend, inputs: Inputs):
         key = (op, backend, env(ENV), inputs)
         name = _chosen.get(key)
         if name is None:
-            name = _chosen[key] = _choose(op, backend, inputs)
+            name = _choose(op, backend, inputs)
+            if not torch.compiler.is_compiling():  # no global side effect inside a traced graph
+                _chosen[key] = name
         return name
     return _choose(op, backend, inputs)
 

@@ -75,6 +75,29 @@ def attention(q, k, v, attn_mask=None, dropout_p=0.0, causal=None, scale=None, r
     return (out, *extra) if extra else out
 
 
+def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, causal=False, scale=None, dropout_p=0.0,
+                     dropout_mask=None):
+    """Attention over a packed batch (see :func:`tlv_fast.varlen_attention`), one :func:`attention` per sequence.
+
+    q (total_q, Hq, D), k (total_k, Hkv, D), v (total_k, Hkv, Dv); cu_seqlens_* (B + 1,) cumulative lengths.
+    causal is aligned bottom-right per sequence. dropout_mask: None or a function b -> bool keep mask
+    broadcastable to (1, Hq, n_q_b, n_k_b) (tests). Returns (out (total_q, Hq, Dv), lse (Hq, total_q) fp32).
+    """
+    outs, lses = [], []
+    bounds = zip(cu_seqlens_q[:-1].tolist(), cu_seqlens_q[1:].tolist(), cu_seqlens_k[:-1].tolist(),
+                 cu_seqlens_k[1:].tolist())
+    for b, (q0, q1, k0, k1) in enumerate(bounds):
+        qb, kb, vb = (t.transpose(0, 1).unsqueeze(0) for t in (q[q0:q1], k[k0:k1], v[k0:k1]))
+        keep = None if dropout_mask is None else dropout_mask(b)
+        o, lse = attention(qb, kb, vb, None, dropout_p, "bottom_right" if causal else None, scale,
+                           return_lse=True, dropout_mask=keep)
+        outs.append(o[0].transpose(0, 1))
+        lses.append(lse[0])
+    if not outs:
+        return q.new_empty((0, q.shape[1], v.shape[2])), q.new_empty((q.shape[1], 0), dtype=torch.float32)
+    return torch.cat(outs, 0), torch.cat(lses, 1)
+
+
 def sinkhorn(scores, log_mu, log_nu, iters=10, order="col_first"):
     """Entropic optimal transport in the log domain, unrolled: `iters` pairs of potential updates.
 

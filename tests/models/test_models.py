@@ -131,3 +131,53 @@ def test_configs_reject_sizes_below_one(cls, field):
         cls(**{field: 0})
     with pytest.raises(ValueError, match="divisible"):
         cls(dim=30, num_heads=4)
+
+
+# ---- BERT on a padded batch: padded or unpadded (packed sequences through varlen_attention) -----------------------
+def _padded_batch():
+    ids = torch.randint(0, 256, (3, 20))
+    mask = torch.ones(3, 20, dtype=torch.long)
+    mask[0, 7:] = 0
+    mask[2, 13:] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_bert_unpadded_equals_padded_on_real_tokens(backend):
+    ids, mask = _padded_batch()
+    outs, grads = [], []
+    for unpad in (False, True):
+        torch.manual_seed(0)
+        model = BERT.from_preset("tiny", backend=backend, unpad=unpad, dropout=0.0)
+        out = model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+        out["loss"].backward()
+        outs.append(out)
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    real = mask.bool()
+    assert_close(outs[1]["hidden"][real], outs[0]["hidden"][real], name="hidden")
+    assert_close(outs[1]["pooled"], outs[0]["pooled"], name="pooled")
+    assert (outs[1]["hidden"][~real] == 0).all()
+    assert_close(outs[1]["loss"], outs[0]["loss"], name="loss")
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        assert_close(grads[1][name], grads[0][name], "bwd", name=name)
+
+
+def test_bert_auto_unpads_only_on_the_triton_backend_with_enough_padding(monkeypatch):
+    import tlv_fast.nn.block as block
+    calls = []
+    real = block.varlen_attention
+    monkeypatch.setattr(block, "varlen_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ids, mask = _padded_batch()
+    BERT.from_preset("tiny", backend="reference").eval()(ids, attention_mask=mask)
+    assert not calls  # reference attention: padded
+    model = BERT.from_preset("tiny", backend="triton").eval()
+    model(ids, attention_mask=torch.ones_like(mask))
+    assert not calls  # no padding
+    model(ids, attention_mask=mask)
+    assert len(calls) == model.config.num_layers
+
+
+def test_bert_unpad_value_is_checked():
+    with pytest.raises(ValueError, match="unpad"):
+        BERTConfig(unpad="yes")

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import backends
 from ..nn.block import MLP, Block, SelfAttention, gelu, init_weights
 from .common import Presets, build_config, check_backend, check_ids, check_positive, renamed_fields
 from .hf import bert_config_from_hf, bert_from_hf_state_dict, bert_hf_config, bert_to_hf_state_dict, hf_source
@@ -27,8 +28,11 @@ class BERTConfig:
     pretraining_heads: bool = True  # masked-LM + next-sentence heads
     num_labels: int = 0             # > 0: a sequence-classification head on [CLS]
     backend: object = "auto"        # see tlv_fast.backends
+    unpad: object = "auto"          # padded batches as packed sequences: True, False, "auto" (see BERT.forward)
 
     def __post_init__(self):
+        if self.unpad not in (True, False, "auto"):
+            raise ValueError(f"BERTConfig.unpad must be True, False or 'auto', got {self.unpad!r}")
         check_positive(self, "vocab_size", "max_positions", "type_vocab_size", "dim", "num_layers", "num_heads",
                        "mlp_hidden")
         check_backend(self, ("attention",))
@@ -87,11 +91,35 @@ class BERT(Presets, nn.Module):
     def hf_config(self):
         return bert_hf_config(self.config)
 
+    def _packing(self, keys, x):
+        """(cu_seqlens, longest) when this batch runs unpadded (see forward), else None."""
+        mode = self.config.unpad
+        if keys is None or mode is False or torch.compiler.is_compiling():
+            return None
+        if mode == "auto":
+            name = backends.pick(self.config.backend, "attention")
+            inputs = backends.Inputs(x.device, x.dtype, self.config.dim // self.config.num_heads, frozenset({"mask"}))
+            if backends.choose("attention", name, inputs) != "triton":
+                return None
+        lengths = keys.sum(1, dtype=torch.int32)
+        total, longest = torch.stack([lengths.sum(), lengths.max()]).tolist()
+        if mode == "auto" and total > 0.9 * keys.numel():
+            return None
+        return F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0)), int(longest)
+
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
                 next_sentence_label=None, class_labels=None):
-        """input_ids (B, N); attention_mask (B, N) 1 = token, 0 = padding (read in the kernel as a (B, 1, 1, N)
-        mask: no N x N memory). Returns a dict: hidden (B, N, C), pooled (B, C) and, with the heads, mlm_logits,
-        nsp_logits, class_logits; loss sums the given targets' cross-entropies (labels: -100 ignored)."""
+        """input_ids (B, N); attention_mask (B, N) 1 = token, 0 = padding. Returns a dict: hidden (B, N, C), pooled
+        (B, C) and, with the heads, mlm_logits, nsp_logits, class_logits; loss sums the given targets'
+        cross-entropies (labels: -100 ignored).
+
+        A padded batch runs in one of two ways (config.unpad): padded, every layer on B x N tokens with the mask read
+        in the attention kernel as (B, 1, 1, N) (no N x N memory; key tiles past a sequence's last token skipped);
+        or unpadded, the real tokens gathered into one packed sequence that every layer runs on (attention through
+        tlv_fast.varlen_attention), then scattered back: no compute on padding in any layer, and hidden states
+        at padding positions are 0 (padded, they are values nothing reads). "auto" unpads when the attention runs on
+        the Triton kernels and at least 10 % of the tokens are padding (it reads the mask's counts: one device
+        synchronisation), never inside torch.compile. Real tokens get the same values either way."""
         check_ids(self, input_ids, min_len=1)  # the pooler reads the first ([CLS]) token
         B, N = input_ids.shape
         if N > self.config.max_positions:
@@ -107,8 +135,16 @@ class BERT(Presets, nn.Module):
             + self.token_type_embeddings(token_type_ids)
         x = self.drop(self.emb_norm(x))
         keys = attention_mask.bool() if attention_mask is not None else None
-        for block in self.blocks:
-            x = block(x, key_padding_mask=keys)
+        packed = self._packing(keys, x)
+        if packed is None:
+            for block in self.blocks:
+                x = block(x, key_padding_mask=keys)
+        else:
+            cu, longest = packed
+            h = x[keys]  # (total, C): the real tokens, sequence by sequence
+            for block in self.blocks:
+                h = block(h, cu_seqlens=cu, max_seqlen=longest)
+            x = x.new_zeros(x.shape).index_put((keys,), h)
         pooled = torch.tanh(self.pooler(x[:, 0]))
         out = {"hidden": x, "pooled": pooled}
         losses = []

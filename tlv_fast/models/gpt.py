@@ -123,7 +123,7 @@ class GPT(Presets, nn.Module):
         if max_new_tokens == 0:
             return input_ids
         mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
-        cache = [{} for _ in self.blocks]
+        cache = [{"capacity": input_ids.shape[1] + max_new_tokens} for _ in self.blocks]  # KV buffers sized once
 
         def positions(mask, n):  # as transformers: left padding does not count
             return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, -n:]
