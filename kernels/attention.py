@@ -38,6 +38,7 @@ from .common import (
     store_tile,
     tuning,
 )
+from .common import configs as configs_of
 from .common import interpreted as common_interpreted
 from .decode import attention_decode, use_split_kv
 
@@ -539,18 +540,27 @@ SCRATCH = 512  # bytes of shared memory beyond the operands that smem_bytes allo
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages, largest padded head dim without spills for sm_90 in the plain variant,
 # the same in the heavy one -- a mask read as a full tile, dropout or a mask gradient -- 0: never). Measured with
-# `python -m benchmarks compile-stats --which all` (benchmarks/RESULTS.md); tests/kernels/test_compile.py keeps the
-# spill column at zero for every tile the launcher may pick. 16-row tiles serve decode (few query rows, no wgmma);
-# the single-warpgroup ones are those of Triton's fused-attention tutorial (fwd 128x64 w4, dK/dV 32x128 w4,
-# dQ 128x32 w4).
+# `python -m benchmarks compile-stats --which all` (benchmarks/RESULTS.md); tests/kernels/test_compile.py (--slow)
+# keeps the spill column at zero for every tile the launcher may pick, at head dims 64, 128 and 256, plain, causal
+# and heavy. 16-row tiles serve few query rows with dropout (no wgmma); the single-warpgroup ones are those of
+# Triton's fused-attention tutorial (fwd 128x64 w4, dK/dV 32x128 w4, dQ 128x32 w4). float32 inputs have their own,
+# smaller tiles: their dots hold twice the bytes per operand in registers (and "ieee" precision runs on FMA units).
 FWD_TILES = [(128, 64, 4, 3, 64, 0), (128, 128, 8, 3, 128, 0), (128, 128, 8, 2, 128, 0), (128, 64, 8, 3, 256, 128),
-             (128, 64, 8, 4, 128, 128), (128, 32, 8, 4, 256, 128), (128, 32, 4, 4, 128, 0), (64, 64, 4, 3, 256, 128),
-             (64, 32, 4, 4, 256, 128), (64, 32, 8, 3, 256, 256), (16, 64, 4, 4, 256, 256), (16, 128, 4, 3, 128, 0)]
-DKDV_TILES = [(32, 128, 4, 3, 64, 0), (32, 128, 8, 3, 128, 64), (64, 128, 8, 3, 128, 0), (32, 64, 4, 3, 128, 64),
+             (128, 64, 8, 4, 128, 128), (128, 32, 8, 4, 256, 128), (128, 32, 8, 3, 256, 128), (128, 32, 4, 4, 128, 0),
+             (64, 64, 4, 3, 256, 64), (64, 32, 4, 4, 256, 128), (64, 32, 8, 3, 256, 128), (64, 32, 8, 2, 256, 256),
+             (16, 64, 4, 4, 256, 256), (16, 128, 4, 3, 128, 0)]
+DKDV_TILES = [(32, 128, 4, 3, 64, 0), (32, 128, 8, 3, 128, 64), (64, 128, 8, 3, 64, 0), (32, 64, 4, 3, 128, 64),
               (32, 64, 4, 4, 128, 64), (64, 64, 4, 3, 64, 0), (16, 128, 8, 3, 128, 128), (16, 64, 4, 2, 128, 128),
-              (16, 64, 8, 2, 256, 128), (32, 32, 8, 2, 256, 256), (64, 32, 8, 2, 256, 128)]
+              (16, 64, 8, 2, 128, 128), (32, 32, 8, 2, 256, 256), (64, 32, 8, 2, 256, 128)]
 DQ_TILES = [(128, 32, 4, 3, 64, 0), (128, 32, 8, 3, 256, 128), (128, 64, 8, 3, 128, 64), (128, 64, 8, 2, 128, 0),
             (64, 64, 4, 3, 128, 64), (64, 32, 4, 3, 256, 128), (32, 64, 8, 3, 256, 256), (16, 64, 4, 3, 256, 128)]
+FWD_TILES_FP32 = [(64, 32, 8, 3, 64, 64), (64, 32, 8, 2, 64, 64), (32, 32, 4, 2, 64, 64), (64, 16, 4, 2, 64, 64),
+                  (32, 16, 4, 2, 256, 256), (32, 16, 8, 2, 256, 256), (16, 16, 4, 2, 256, 256)]
+DKDV_TILES_FP32 = [(32, 32, 8, 3, 64, 64), (16, 64, 4, 2, 64, 64), (32, 32, 4, 2, 64, 64), (16, 32, 8, 2, 256, 256),
+                   (32, 16, 8, 2, 256, 256), (16, 32, 4, 2, 128, 64), (16, 16, 4, 2, 64, 64)]
+DQ_TILES_FP32 = [(32, 64, 8, 2, 128, 128), (32, 32, 8, 2, 256, 256), (16, 64, 4, 2, 128, 128), (16, 32, 4, 2, 256, 128),
+                 (32, 16, 4, 2, 128, 128), (32, 32, 4, 2, 64, 64), (64, 16, 4, 2, 64, 64)]
+TILES = {"fwd": (FWD_TILES, FWD_TILES_FP32), "dkdv": (DKDV_TILES, DKDV_TILES_FP32), "dq": (DQ_TILES, DQ_TILES_FP32)}
 
 
 def heavy(args):
@@ -565,12 +575,12 @@ def _bucket(n):
 
 def smem_bytes(kind, tile, elt, d, dv, mask_elt=0, mask_tile=False):
     """Shared memory a tile of kernel `kind` ("fwd", "dkdv", "dq") takes on sm_90, as the compiler lays it out: the
-    operand held for the whole program once, the streamed ones once per pipeline stage, and a mask read as a tile
-    (mask_tile) streamed the same way (checked against the compiled kernels in tests/kernels/test_compile.py).
+    operand held for the whole program once, the streamed ones once per pipeline stage, and a mask (a tile when
+    mask_tile, else a row) streamed the same way (checked against the compiled kernels, tests/kernels/test_compile.py).
     mask_elt: bytes per mask element (0: no mask). SCRATCH covers the compiler's small buffers (barriers, reductions;
     up to 0.2 KiB measured beyond the operands)."""
     bm, bn, _, stages = tile[:4]
-    masked = max(stages - 1, 1) * mask_elt * (bm * bn if mask_tile else bn) + SCRATCH
+    masked = stages * mask_elt * (bm * bn if mask_tile else bn) + SCRATCH
     if kind == "fwd":  # Q held; K and V streamed
         return elt * (bm * d + stages * bn * (d + dv)) + masked
     if kind == "dkdv":  # K and V held; Q and dO streamed; lse and Delta rows
@@ -585,29 +595,36 @@ def _mask_smem(args):
     return args["Mask"].element_size(), args["MASK_BCAST"] == BCAST_NONE
 
 
-def _prune(kind, tiles):
-    """Autotune candidates for these arguments: tiles within their spill-free head dim (for this variant) and the
-    shared memory, no 16-row query tiles for more than 16 query rows (fwd, dQ), none much larger than the problem."""
-    max_d = {t[:4]: t[4:] for t in tiles}
+def _fp32(args):
+    q = args.get("Q")
+    return q is not None and q.element_size() == 4
+
+
+def _prune(kind):
+    """Autotune candidates for these arguments: tiles of the dtype's table within their spill-free head dim (for this
+    variant) and the shared memory, no 16-row query tiles for more than 16 query rows (fwd, dQ), none much larger
+    than the problem."""
+    max_d = [{t[:4]: t[4:] for t in table} for table in TILES[kind]]
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
         elt, d, dv = args["Q"].element_size(), args["BLOCK_D"], args["BLOCK_DV"]
         n_q, n_k = args["N_Q"], args["N_K"]
         mask_elt, mask_tile = _mask_smem(args)
-        limit = 1 if heavy(args) else 0
+        limits, limit = max_d[elt == 4], 1 if heavy(args) else 0
         kept = []
         for c in configs:
             tile = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
             bm, bn = tile[:2]
-            if max(d, dv) > max_d[tile][limit] or smem_bytes(kind, tile, elt, d, dv, mask_elt, mask_tile) > SMEM_LIMIT:
+            if tile not in limits or max(d, dv) > limits[tile][limit] \
+                    or smem_bytes(kind, tile, elt, d, dv, mask_elt, mask_tile) > SMEM_LIMIT:
                 continue
             if kind != "dkdv" and bm == 16 and n_q > 16:
                 continue
             if (bm > 16 and bm >= 2 * _bucket(n_q)) or (bn > 16 and bn >= 2 * _bucket(n_k)):
                 continue
             kept.append(c)
-        return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+        return kept or configs_of([_PINNED[kind](args)])  # the pinned tile is spill-free for every shape
     return prune
 
 
@@ -616,25 +633,34 @@ def _width(args):
 
 
 def _pinned_fwd(args):
-    """The forward's tile without autotuning (spill-free for the variant): decode shapes (few query rows) take
-    16-row tiles; otherwise the single-warpgroup 128 x 64 up to head dim 64, two warpgroups at 128, smaller beyond."""
+    """The forward's tile without autotuning (spill-free for the variant): few query rows (with dropout; otherwise
+    kernels/decode.py serves them) take 16-row tiles; otherwise the single-warpgroup 128 x 64 up to head dim 64, two
+    warpgroups at 128, narrower beyond; float32 its own small tiles."""
     d, h = _width(args), heavy(args)
+    if _fp32(args):
+        return (64, 32, 8, 3) if d <= 64 else (32, 16, 4, 2) if d <= 128 else (32, 16, 8, 2)
     if args.get("N_Q", 128) <= 16:
         return (16, 128, 4, 3) if d <= 128 and not h else (16, 64, 4, 4)
     if d <= 64 and not h:
         return (128, 64, 4, 3)
-    return (128, 64, 8, 3) if d <= 128 else (64, 32, 8, 3)
+    if d <= 128:
+        return (128, 64, 8, 3)
+    return (64, 32, 8, 2) if h else (128, 32, 8, 3)
 
 
 def _pinned_dkdv(args):
     d, h = _width(args), heavy(args)
+    if _fp32(args):
+        return (32, 32, 8, 3) if d <= 64 else (16, 32, 8, 2)
     if h:
         return (32, 128, 8, 3) if d <= 64 else (16, 128, 8, 3) if d <= 128 else (32, 32, 8, 2)
-    return (32, 128, 4, 3) if d <= 64 else (32, 128, 8, 3) if d <= 128 else (16, 64, 8, 2)
+    return (32, 128, 4, 3) if d <= 64 else (32, 128, 8, 3) if d <= 128 else (64, 32, 8, 2)
 
 
 def _pinned_dq(args):
     d, h = _width(args), heavy(args)
+    if _fp32(args):
+        return (32, 64, 8, 2) if d <= 128 else (32, 32, 8, 2)
     if args.get("N_Q", 128) <= 16:
         return (16, 64, 4, 3) if d <= 128 or not h else (32, 64, 8, 3)
     if d <= 64 and not h:
@@ -642,10 +668,17 @@ def _pinned_dq(args):
     return (128, 32, 8, 3) if d <= 128 else (32, 64, 8, 3) if h else (64, 32, 4, 3)
 
 
-tuning(_attn_fwd_kernel, [t[:4] for t in FWD_TILES], _TUNE_KEY, _prune("fwd", FWD_TILES), pinned=_pinned_fwd)
-tuning(_attn_bwd_dkdv_kernel, [t[:4] for t in DKDV_TILES], _TUNE_KEY + ["STORE_DMASK"], _prune("dkdv", DKDV_TILES),
-       pinned=_pinned_dkdv)
-tuning(_attn_bwd_dq_kernel, [t[:4] for t in DQ_TILES], _TUNE_KEY, _prune("dq", DQ_TILES), pinned=_pinned_dq)
+_PINNED = {"fwd": _pinned_fwd, "dkdv": _pinned_dkdv, "dq": _pinned_dq}
+
+
+def _table(kind):
+    """Every tile of `kind` for the autotuner (both dtype tables; pruning keeps the dtype's own)."""
+    return list(dict.fromkeys(t[:4] for table in TILES[kind] for t in table))
+
+
+tuning(_attn_fwd_kernel, _table("fwd"), _TUNE_KEY, _prune("fwd"), pinned=_pinned_fwd)
+tuning(_attn_bwd_dkdv_kernel, _table("dkdv"), _TUNE_KEY + ["STORE_DMASK"], _prune("dkdv"), pinned=_pinned_dkdv)
+tuning(_attn_bwd_dq_kernel, _table("dq"), _TUNE_KEY, _prune("dq"), pinned=_pinned_dq)
 
 
 def _grid(rows, axis, others):

@@ -94,8 +94,8 @@ def _decode_kernel(
                      mask=key_ok[None, :] & (offs_d[:, None] < HEAD_DIM), other=0.0)
         s = dot(q, kT, PRECISION, UPCAST) * qk_scale
         if MASK_KIND != C_MASK_NONE:
-            if MASK_KIND == C_MASK_BOOL:  # keep where True
-                s = tl.where(mvals != 0, s, float("-inf"))
+            if MASK_KIND == C_MASK_BOOL:  # additive, as in torch: False adds -inf (a NaN score stays NaN)
+                s += tl.where(mvals != 0, 0.0, float("-inf"))
             else:
                 s += mvals.to(tl.float32) * 1.4426950408889634
         valid = key_ok[None, :]
@@ -153,7 +153,7 @@ def _combine_kernel(Out, Lse, PartO, PartL, stride_ob, stride_oh, stride_om, str
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages): BLOCK_M holds GQA_GROUP * N_Q rows; memory-bound, so small tiles and
 # deep pipelines (autotuned only with TLV_FAST_AUTOTUNE=1)
-DECODE_TILES = [(16, 64, 4, 4), (16, 128, 4, 3), (32, 64, 4, 4), (64, 64, 4, 3), (16, 32, 4, 4), (32, 32, 4, 3),
+DECODE_TILES = [(16, 64, 4, 4), (32, 64, 4, 4), (64, 64, 4, 3), (16, 32, 4, 4), (32, 32, 4, 3),
                 (64, 32, 4, 3), (16, 64, 8, 3)]
 
 

@@ -25,7 +25,7 @@ def test_readme_table_is_generated_from_the_declarations():
 
 def test_every_family_declares_reference_and_its_auto_order():
     backends.markdown_table()  # loads the declarations
-    assert set(backends.FAMILIES) == {"attention", "relpos_attention", "sinkhorn"}
+    assert set(backends.FAMILIES) == {"attention", "varlen_attention", "relpos_attention", "sinkhorn"}
     for fam in backends.FAMILIES.values():
         assert "reference" in fam.implementations
         for kind, order in fam.auto.items():

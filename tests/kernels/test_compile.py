@@ -24,15 +24,23 @@ def _rows(call):
 
 
 def _check(rows):
+    """Every row spill-free, within 227 KiB and its pruning formula, on wgmma where its tile allows; all failures
+    listed at once."""
     assert rows
+    bad = []
     for r in rows:
         name = f"{r['case']} {r['kernel']} {r['tile']} w{r['warps']} s{r['stages']}"
-        assert r["spill_bytes"] == 0, f"{name}: {r['spill_bytes']} bytes of spills"
-        assert r["smem_KiB"] <= 227, f"{name}: {r['smem_KiB']} KiB of shared memory"
-        if r["smem_formula_KiB"] is not None:  # the attention kernels' pruning formula
-            assert r["smem_formula_KiB"] >= r["smem_KiB"] - 0.05, f"{name}: pruning formula below the real use"
+        if r["spill_bytes"]:
+            bad.append(f"{name}: {r['spill_bytes']} bytes of spills")
+        if r["smem_KiB"] > 227:
+            bad.append(f"{name}: {r['smem_KiB']} KiB of shared memory")
+        if r["smem_formula_KiB"] is not None and r["smem_formula_KiB"] < r["smem_KiB"] - 0.05:
+            bad.append(f"{name}: pruning formula {r['smem_formula_KiB']} KiB below the real {r['smem_KiB']} KiB")
         rows_of_mma = int(r["tile"].split("x")[1 if "dkdv" in r["kernel"] else 0])
-        assert r["wgmma"] or rows_of_mma < 64 or r["kernel"].endswith("dkdv_kernel"), f"{name}: no wgmma"
+        ieee_fp32 = "fp32" in r["case"]  # float32 dots at "ieee" precision run on FMA units, not tensor cores
+        if not (r["wgmma"] or ieee_fp32 or rows_of_mma < 64 or r["kernel"].endswith("dkdv_kernel")):
+            bad.append(f"{name}: no wgmma")
+    assert not bad, "\n".join(bad)
 
 
 def test_pinned_tiles_at_the_milestone_head_dims_and_their_variants():
@@ -43,6 +51,12 @@ def test_pinned_tiles_at_the_milestone_head_dims_and_their_variants():
     rows = _rows(f"cs.rows((64, 128), 'bf16', 'pinned', relpos=False, variants={variants!r})")
     _check(rows)
     assert {r["kernel"] for r in rows if r["case"].startswith("decode")} == {"_decode_kernel"}
+
+
+def test_float32_pinned_tiles_do_not_spill():
+    _check(_rows("cs.rows((64, 128, 256), 'fp32', 'pinned', relpos=False, decode=False, "
+                 "variants=[('D128 causal float-mask dropout fp32', dict(d=128, dtype='fp32', n=512, causal=True, "
+                 "mask='float', dropout=0.1))])"))
 
 
 def test_relative_position_kernels_lower_for_sm90():
