@@ -52,4 +52,59 @@ inline void check_sinkhorn_grad(const at::Tensor& grad, const at::Tensor& scores
   check_same_device("sinkhorn backward", scores, "out", out);
 }
 
+// native_attention_fwd / _bwd: q (B, Hq, Nq, D), k (B, Hk, Nk, D), v (B, Hk, Nk, Dv) of one dtype (fp32 / bf16 /
+// fp16) and device, Hq a multiple of Hk; mask bool or floating, (B, Hq, Nq, Nk) (broadcast views welcome)
+inline void check_attention(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                            const std::optional<at::Tensor>& mask, double dropout_p) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op, ": q, k and v must be 4-D (B, H, N, D), got ",
+              q.sizes(), ", ", k.sizes(), ", ", v.sizes());
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, op,
+              ": q must be float32, bfloat16 or float16, got ", dt);
+  TORCH_CHECK(k.scalar_type() == dt && v.scalar_type() == dt, op, ": q, k and v must share a dtype, got ", dt, ", ",
+              k.scalar_type(), ", ", v.scalar_type());
+  check_same_device(op, q, "k", k);
+  check_same_device(op, q, "v", v);
+  TORCH_CHECK(k.size(0) == q.size(0) && v.size(0) == q.size(0), op, ": batch sizes differ: ", q.sizes(), ", ",
+              k.sizes(), ", ", v.sizes());
+  TORCH_CHECK(k.size(1) == v.size(1) && k.size(1) > 0 && q.size(1) % k.size(1) == 0, op,
+              ": query heads must be a multiple of key/value heads, got ", q.size(1), " and ", k.size(1), "/",
+              v.size(1));
+  TORCH_CHECK(k.size(3) == q.size(3) && k.size(2) == v.size(2), op, ": k must be (B, Hk, Nk, D) and v (B, Hk, Nk, ",
+              "Dv) for q ", q.sizes(), ", got ", k.sizes(), " and ", v.sizes());
+  TORCH_CHECK(q.size(2) < (int64_t{1} << 31) && k.size(2) < (int64_t{1} << 31), op, ": sequences must be < 2^31");
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ", dropout_p);
+  if (mask.has_value()) {
+    const auto& m = *mask;
+    TORCH_CHECK(m.dim() == 4 && m.size(0) == q.size(0) && m.size(1) == q.size(1) && m.size(2) == q.size(2) &&
+                    m.size(3) == k.size(2),
+                op, ": mask must be (B, Hq, Nq, Nk) = (", q.size(0), ", ", q.size(1), ", ", q.size(2), ", ",
+                k.size(2), ") (an expanded view is fine), got ", m.sizes());
+    TORCH_CHECK(m.scalar_type() == at::kBool || at::isFloatingType(m.scalar_type()), op,
+                ": mask must be bool or floating, got ", m.scalar_type());
+    check_same_device(op, q, "mask", m);
+  }
+}
+
+// the backward's extra inputs: dout like out, lse (B, Hq, Nq) float32, dlse like lse
+inline void check_attention_grad(const at::Tensor& dout, const std::optional<at::Tensor>& dlse, const at::Tensor& q,
+                                 const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse) {
+  const char* op = "native_attention_bwd";
+  TORCH_CHECK(out.dim() == 4 && out.size(0) == q.size(0) && out.size(1) == q.size(1) && out.size(2) == q.size(2) &&
+                  out.size(3) == v.size(3) && dout.sizes() == out.sizes(),
+              op, ": out and dout must be (B, Hq, Nq, Dv), got ", out.sizes(), " and ", dout.sizes());
+  TORCH_CHECK(out.scalar_type() == q.scalar_type() && dout.scalar_type() == q.scalar_type(), op,
+              ": out and dout must have q's dtype ", q.scalar_type());
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1) && lse.size(2) == q.size(2) &&
+                  lse.scalar_type() == at::kFloat,
+              op, ": lse must be float32 (B, Hq, Nq), got ", lse.sizes(), " ", lse.scalar_type());
+  if (dlse.has_value()) {
+    TORCH_CHECK(dlse->sizes() == lse.sizes(), op, ": dlse must be shaped like lse, got ", dlse->sizes());
+    check_same_device(op, q, "dlse", *dlse);
+  }
+  check_same_device(op, q, "dout", dout);
+  check_same_device(op, q, "out", out);
+  check_same_device(op, q, "lse", lse);
+}
+
 }  // namespace tlv_fast

@@ -1,6 +1,7 @@
 // The schemas of every op in the tlv_fast namespace, in one place. Implementations register per dispatch key
 // beside their code (TORCH_LIBRARY_IMPL(tlv_fast, CPU, ...) in csrc/*.cpp, (..., CUDA, ...) in csrc/cuda/*.cpp).
-// The Triton ops (attention, relpos_attention) are registered from Python (tlv_fast/ops) and are not declared here.
+// The Triton ops (attention_fwd, relpos_attention_fwd, ...) are registered from Python (tlv_fast/ops): their schemas
+// carry Triton-only arguments and live beside their kernels.
 #include <torch/library.h>
 
 TORCH_LIBRARY(tlv_fast, m) {
@@ -10,4 +11,13 @@ TORCH_LIBRARY(tlv_fast, m) {
         "float? exp_log_scale) -> (Tensor, Tensor, Tensor)");
   m.def("sinkhorn_bwd(Tensor grad, Tensor scores, Tensor log_mu, Tensor log_nu, Tensor? bin_score, Tensor out, "
         "Tensor us, Tensor vs, bool col_first, float? exp_log_scale) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Fused attention (csrc/attention.cpp): softmax(scale q k^T + mask) v with causal_offset (key j hidden from query i
+  // when j > i + causal_offset; None: no causal mask), dropout from a one-element int64 seed; returns out and the
+  // natural-log logsumexp (B, Hq, Nq) float32. The backward's last output is the float mask's gradient
+  // (B, Hq, Nq, Nk) float32 when mask_grad, else empty.
+  m.def("native_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? mask, Tensor? seed, float scale, "
+        "int? causal_offset, float dropout_p) -> (Tensor, Tensor)");
+  m.def("native_attention_bwd(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+        "Tensor? mask, Tensor? seed, float scale, int? causal_offset, float dropout_p, bool mask_grad) -> "
+        "(Tensor, Tensor, Tensor, Tensor)");
 }

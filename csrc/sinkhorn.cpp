@@ -20,6 +20,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "vec_math.h"
 
 #include <algorithm>
 #include <cmath>
@@ -32,23 +33,6 @@
 namespace tlv_fast {
 namespace {
 
-// exp(x) = 2^n * exp(r), n = round(x / ln 2), |r| <= ln(2) / 2, degree-7 Taylor polynomial (relative error
-// < 1e-7 < float ulp); branch-free so that loops over it vectorise. exp(-inf) = 0 exactly.
-inline float exp_approx(float x) {
-  const float lo = -87.0f, hi = 88.5f;
-  float xc = x < lo ? lo : (x > hi ? hi : x);
-  float t = xc * 1.44269504088896341f + 12582912.0f;  // round to nearest via 1.5 * 2^23
-  float n = t - 12582912.0f;
-  float r = xc - n * 0.693145751953125f - n * 1.428606765330187e-06f;  // ln 2 split hi + lo
-  float p = 1.0f + r * (1.0f + r * (0.5f + r * (0.16666667f + r * (0.041666668f + r * (0.008333334f +
-            r * (0.0013888889f + r * 0.00019841270f))))));
-  int32_t bits = (static_cast<int32_t>(n) + 126) << 23;  // 2^(n-1): n = 128 stays finite
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(float));
-  float y = p * scale * 2.0f;
-  return x < lo ? 0.0f : y;
-}
-inline double exp_approx(double x) { return std::exp(x); }
 
 template <typename T>
 struct Problem {

@@ -3,6 +3,8 @@ leaves unwritten or draws differently from the reference. The ops call the two s
 nothing of tlv_fast at import time."""
 import contextlib
 
+import torch
+
 from ._env import env
 
 _seed_recorders = []  # lists that record_dropout_seeds() hands out; the attention op appends each seed it draws
@@ -41,7 +43,7 @@ def record_seed(seed):
 
 @contextlib.contextmanager
 def record_dropout_seeds():
-    """Collect the seed tensors drawn by attention calls with dropout inside the block (Triton backend).
+    """Collect the seed tensors drawn by attention calls with dropout inside the block (Triton and native).
 
     >>> with record_dropout_seeds() as seeds:
     ...     out = tlv_fast.attention(q, k, v, dropout_p=0.1, backend="triton")
@@ -55,10 +57,31 @@ def record_dropout_seeds():
         _seed_recorders.remove(seeds)
 
 
-def dropout_keep_mask(seed, batch, heads, n_q, n_k, dropout_p):
+def dropout_keep_mask(seed, batch, heads, n_q, n_k, dropout_p, backend="triton"):
     """Bool (batch, heads, n_q, n_k): True where the attention kernels keep a weight for this seed and p.
 
+    backend: "triton" (the Triton kernels' Philox stream) or "native" (the C++ CPU kernel's counter hash).
     Pass it as ``dropout_mask`` to ``tlv_fast.reference.attention`` to reproduce the kernel's dropout exactly.
     """
+    if backend == "native":
+        return _native_keep_mask(int(seed.reshape(-1)[0]), batch, heads, n_q, n_k, dropout_p)
     from .kernels import attention as kernels
     return kernels.dropout_keep_mask(seed, batch, heads, n_q, n_k, dropout_p)
+
+
+def _native_keep_mask(seed, batch, heads, n_q, n_k, dropout_p):
+    # csrc/vec_math.h uniform_hash: SplitMix64's finaliser over seed + index * golden, top 24 bits -> [0, 1); kept
+    # when >= p. Computed here in wrapping int64 arithmetic (a logical shift is an arithmetic one, masked).
+    def signed(c):
+        return c - (1 << 64) if c >= 1 << 63 else c
+
+    def lsr(z, s):
+        return (z >> s) & ((1 << (64 - s)) - 1)
+
+    idx = torch.arange(batch * heads * n_q * n_k, dtype=torch.int64)
+    z = signed(seed % (1 << 64)) + idx * signed(0x9E3779B97F4A7C15)
+    z = (z ^ lsr(z, 30)) * signed(0xBF58476D1CE4E5B9)
+    z = (z ^ lsr(z, 27)) * signed(0x94D049BB133111EB)
+    z = z ^ lsr(z, 31)
+    u = lsr(z, 40).to(torch.float32) * (1.0 / 16777216.0)
+    return (u >= dropout_p).reshape(batch, heads, n_q, n_k)

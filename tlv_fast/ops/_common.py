@@ -38,6 +38,17 @@ def triton_runtime(kernels_module):
     return reasons
 
 
+def native_runtime(device):
+    """A declaration's runtime condition for the csrc extension: it loads (built on first use); a build that fails
+    says why, once per process."""
+    from .. import _ext
+    try:
+        _ext.load("cuda" if device.type == "cuda" else "cpu")
+    except _ext.BuildError as e:
+        return [str(e)]
+    return []
+
+
 def check_tensor(op, name, t, min_ndim, shape_doc):
     """A floating-point tensor with at least `min_ndim` dims, else TypeError / ValueError naming `name`."""
     if not isinstance(t, torch.Tensor):

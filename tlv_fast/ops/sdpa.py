@@ -1,7 +1,9 @@
 """Fused attention: ``scaled_dot_product_attention`` (torch's drop-in) and ``attention`` (FlashAttention-style).
 
 The Triton path is two ``torch.library`` custom ops (``tlv_fast::attention_fwd`` / ``tlv_fast::attention_bwd``) with
-fake implementations and registered autograd, so ``torch.compile`` sees one opaque node and no graph break.
+fake implementations and registered autograd, so ``torch.compile`` sees one opaque node and no graph break. The
+native path (CPU tensors) is the C++ pair ``tlv_fast::native_attention_fwd`` / ``_bwd`` of csrc/attention.cpp, with
+its fake implementations and autograd registered here.
 """
 import dataclasses
 import math
@@ -10,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import backends, reference, testing
+from .. import _ext, backends, reference, testing
 from ._common import (
     FLOAT_DTYPES,
     TRITON_DTYPES,
@@ -19,6 +21,7 @@ from ._common import (
     check_tensor,
     eager_twin,
     empty_layout,
+    native_runtime,
     no_double_backward,
     triton_runtime,
 )
@@ -39,11 +42,14 @@ def _kernels():
 
 # what each backend runs (the README table is generated from these)
 FAMILY = backends.family("attention", public=("attention", "scaled_dot_product_attention"),
-                         auto={"cuda": ("triton", "reference"), "cpu": ("reference",)},
+                         auto={"cuda": ("triton", "reference"), "cpu": ("native", "reference")},
                          features=("mask", "mask_grad", "causal", "dropout", "gqa", "lse"))
 TRITON = FAMILY.declare(backends.Implementation(
     "attention", "triton", dtypes={"cuda": TRITON_DTYPES, "cpu": TRITON_DTYPES}, max_head_dim=MAX_HEAD_DIM,
     runtime=triton_runtime(_kernels), notes={"cpu": "only under `TRITON_INTERPRET=1` (tests; slow)"}))
+NATIVE = FAMILY.declare(backends.Implementation(
+    "attention", "native", dtypes={"cpu": TRITON_DTYPES}, runtime=native_runtime,
+    summary="csrc: C++ on CPU, flash-style, BLAS tiles", notes={"cpu": "needs a C++ compiler on first use"}))
 REFERENCE = FAMILY.declare(backends.Implementation(
     "attention", "reference", dtypes={"cuda": FLOAT_DTYPES, "cpu": FLOAT_DTYPES}, summary="materialises N × N"))
 
@@ -122,6 +128,58 @@ _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 no_double_backward("tlv_fast::attention_bwd", "attention")
 
 _eager = eager_twin(_fwd_impl, _setup_context, _backward)
+
+
+_native_registered = []
+
+
+def _native_ops():
+    """The C++ ops (csrc/attention.cpp), loaded and given their fake implementations and autograd once."""
+    if _native_registered:
+        return torch.ops.tlv_fast
+    _ext.load("cpu")
+
+    @torch.library.register_fake("tlv_fast::native_attention_fwd")
+    def _(q, k, v, mask, seed, scale, causal_offset, dropout_p):
+        B, H, n_q, _ = q.shape
+        return empty_layout(q, (B, H, n_q, v.shape[3])), q.new_empty((B, H, n_q), dtype=torch.float32)
+
+    @torch.library.register_fake("tlv_fast::native_attention_bwd")
+    def _(dout, dlse, q, k, v, out, lse, mask, seed, scale, causal_offset, dropout_p, mask_grad):
+        B, H, n_q, _ = q.shape
+        dmask = q.new_empty((B, H, n_q, k.shape[2]), dtype=torch.float32) if mask_grad else q.new_empty((0,))
+        return (empty_layout(q, q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask)
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, mask, seed, scale, causal_offset, dropout_p = inputs
+        ctx.save_for_backward(q, k, v, output[0], output[1], mask, seed)
+        ctx.args = (scale, causal_offset, dropout_p)
+
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, mask, seed = ctx.saved_tensors
+        mask_grad = mask is not None and ctx.needs_input_grad[3]
+        if dout is None:  # only the lse was used
+            dout = torch.zeros_like(out)
+        dq, dk, dv, dmask = torch.ops.tlv_fast.native_attention_bwd(dout, dlse, q, k, v, out, lse, mask, seed,
+                                                                    *ctx.args, mask_grad)
+        return dq, dk, dv, dmask.to(mask.dtype) if mask_grad else None, None, None, None, None
+
+    torch.library.register_autograd("tlv_fast::native_attention_fwd", backward, setup_context=setup_context)
+    no_double_backward("tlv_fast::native_attention_bwd", "attention (native)")
+    _native_registered.append(True)
+    return torch.ops.tlv_fast
+
+
+def _run_native(c):
+    B, H, n_q, _ = c.q.shape
+    n_k = c.k.shape[2]
+    seed = None
+    if c.dropout_p > 0.0:  # torch's CPU generator: torch.manual_seed reproduces a run
+        seed = torch.randint(0, 2**62, (1,), dtype=torch.int64)
+        testing.record_seed(seed)
+    mask = c.mask.expand(B, H, n_q, n_k) if c.mask is not None else None  # broadcast dims: stride 0, no copy
+    return _native_ops().native_attention_fwd(c.q, c.k, c.v, mask, seed, c.scale,
+                                              _causal_offset(c.causal, n_q, n_k), c.dropout_p)
 
 
 def _check(q, k, v, attn_mask, dropout_p, scale, gqa, fp32_precision, op):
@@ -223,6 +281,8 @@ def run(c: Call):
     if c.backend == "reference":
         out, lse = reference.attention(c.q, c.k, c.v, c.mask, c.dropout_p,
                                        None if c.causal == "none" else c.causal, c.scale, return_lse=True)
+    elif c.backend == "native":
+        out, lse = _run_native(c)
     else:
         seed = None
         if c.dropout_p > 0.0:
@@ -264,8 +324,9 @@ def attention(q, k, v, causal=False, scale=None, attn_mask=None, dropout_p=0.0, 
             it in training only (this function does not know the module's mode).
         return_lse: also return the natural-log logsumexp of each row's scaled, masked logits, (B, Hq, Nq) fp32
             (-inf for a row with no visible key). Gradients flowing into it are honoured.
-        backend: "auto" (Triton on CUDA tensors, the reference elsewhere; env TLV_FAST_BACKEND overrides),
-            "triton" (CUDA, or CPU under TRITON_INTERPRET=1) or "reference" (eager, any device and dtype); see
+        backend: "auto" (Triton on CUDA tensors, the C++ kernel on CPU tensors, the reference for the rest; env
+            TLV_FAST_BACKEND overrides), "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "native" (the C++
+            kernel of csrc/attention.cpp: CPU, fp32/bf16/fp16) or "reference" (eager, any device and dtype); see
             tlv_fast.backends.
         fp32_precision: float32 inputs: "ieee" (default; full-precision dots, like torch's default matmul) or
             "tf32" (tensor-core TF32 dots, ~10-bit mantissa inputs, faster). Ignored for 16-bit inputs, whose dots

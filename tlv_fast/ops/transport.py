@@ -7,7 +7,7 @@ from torch import Tensor
 
 from .. import _ext, backends, reference
 from ..formulas import dustbin_marginals, empty_transport
-from ._common import FLOAT_DTYPES, check_tensor, no_double_backward
+from ._common import FLOAT_DTYPES, check_tensor, native_runtime, no_double_backward
 
 _ORDERS = ("col_first", "row_first")
 _registered = False
@@ -56,21 +56,12 @@ def _register():
     _registered = True
 
 
-def _native_runtime(device):
-    """The extension loads (built on first use); a build that fails says why, once per process."""
-    try:
-        _ext.load("cuda" if device.type == "cuda" else "cpu")
-    except _ext.BuildError as e:
-        return [str(e)]
-    return []
-
-
 FAMILY = backends.family("sinkhorn", public=("sinkhorn", "optimal_transport"),
                          auto={"cuda": ("native", "reference"), "cpu": ("native", "reference")},
                          features={"zero_marginals": "zero marginals (log_mu or log_nu = -inf)"})
 NATIVE = FAMILY.declare(backends.Implementation(
     "sinkhorn", "native", dtypes={"cuda": FLOAT_DTYPES, "cpu": (torch.float32, torch.float64)},
-    unsupported=frozenset({"zero_marginals"}), runtime=_native_runtime,
+    unsupported=frozenset({"zero_marginals"}), runtime=native_runtime,
     summary="csrc: C++ on CPU, CUDA kernels on GPU",
     notes={"cuda": "16-bit inputs accumulate in fp32", "cpu": "needs a C++ compiler on first use"}))
 REFERENCE = FAMILY.declare(backends.Implementation(
