@@ -75,6 +75,10 @@ def _parser():
     p.add_argument("--tiny", action="store_true", default=os.environ.get("BENCH_TINY") == "1",
                    help="shrink every case to interpreter size, one timed call each: checks that the run works, "
                         "not speed (default on when BENCH_TINY=1)")
+    p.add_argument("--rounds", type=int, default=int(os.environ.get("BENCH_ROUNDS", "7")),
+                   help="CPU presets: timed rounds, every provider once per round in turn (default 7)")
+    p.add_argument("--force", action="store_true",
+                   help="run a GPU-sized preset on a machine without CUDA anyway (slow; its numbers are not speed)")
     p.add_argument("--no-png", action="store_true", default=os.environ.get("BENCH_NO_PNG") == "1",
                    help="no plot (default on when BENCH_NO_PNG=1)")
     return p
@@ -96,7 +100,15 @@ def run(argv):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     env = environment()
     preset = args.preset or op.default_preset(device)
-    not_speed = args.tiny or (device == "cpu" and args.op != "sinkhorn")
+    cpu_presets = getattr(op, "CPU_PRESETS", ("smoke",))
+    if device == "cpu" and preset not in cpu_presets and not (args.force or args.tiny):
+        print(f"{args.op} --preset {preset} is sized for a GPU and this machine has no CUDA device: run "
+              f"`python -m benchmarks {args.op} --preset {cpu_presets[0]}` (CPU speed), or add --force to run it "
+              "here anyway (slow; not speed).", file=sys.stderr)
+        return 2
+    interleave = device == "cpu" and preset == "cpu" and hasattr(op, "run_interleaved") and not args.tiny
+    # on a CPU, the ops whose tlv_fast path is C++ (attention, Sinkhorn) measure speed; the others run eager code
+    not_speed = args.tiny or (device == "cpu" and not getattr(op, "CPU_IS_SPEED", False))
     if not_speed:
         print(f"{'Tiny shapes' if args.tiny else 'No CUDA device'}: {args.op} runs on the {device.upper()}. THESE "
               "NUMBERS ARE NOT SPEED; they only show that the runner works.", flush=True)
@@ -117,8 +129,12 @@ def run(argv):
     rows = []
     progress = Progress(len(cases) * len(providers), f"{args.op} {preset}")
     for case in cases:
-        for prov in providers:
-            r = op.run_case(case, prov, dtypes[dtype_name], device, bench_ms)
+        if interleave:
+            measured = op.run_interleaved(case, providers, dtypes[dtype_name], device, args.rounds)
+        else:
+            measured = (op.run_case(case, prov, dtypes[dtype_name], device, bench_ms) for prov in providers)
+        for r in measured:
+            prov = r["provider"]
             if prov == "tlv_fast" and autotune:  # the autotuned tiles, told apart from the pinned ones
                 r["provider"] = "tlv_fast-autotune"
             r.update({"op": args.op, "preset": preset, **{k: env[k] for k in ("date", "device", "torch", "triton")}})
@@ -137,7 +153,10 @@ def run(argv):
                 if r["case"] == case.name and r["mode"] == case.mode:
                     line[r["provider"]] = r.get(metric) if r["status"] == "ok" else r["status"][:3]
             table.append(line)
-        print_table(table, ["case", "mode", *labels], UNITS[metric])
+        unit = "median ms of interleaved rounds (wall clock)" if interleave and metric == "ms" else UNITS[metric]
+        print_table(table, ["case", "mode", *labels], unit)
+    if interleave and "tlv_fast" in labels:
+        print(ratio_table(rows, cases, [p for p in labels if p != "tlv_fast"]))
     errors = [r for r in rows if r["status"] != "ok" and not r["status"].startswith("n/a")]
     for r in rows:
         if r["status"] != "ok":
@@ -159,6 +178,21 @@ def run(argv):
         except Exception as e:  # the plot is never required: the CSV has the numbers
             print(f"no plot: {type(e).__name__}: {e}")
     return 1 if errors else 0
+
+
+def ratio_table(rows, cases, others):
+    """Speed of tlv_fast relative to each other provider, case by case: their ms / tlv_fast's ms (> 1: tlv_fast is
+    faster), from the medians of one interleaved run."""
+    lines = ["\nspeed ratio (other ms / tlv_fast ms; > 1 means tlv_fast is faster), medians of interleaved rounds",
+             f"{'case':<40} {'mode':<8}" + "".join(f"{'vs ' + p:>14}" for p in others)]
+    for case in cases:
+        got = {r["provider"]: r for r in rows if r["case"] == case.name and r["mode"] == case.mode
+               and r["status"] == "ok"}
+        if "tlv_fast" not in got:
+            continue
+        cells = [f"{got[p]['ms'] / got['tlv_fast']['ms']:>13.2f}x" if p in got else f"{'-':>14}" for p in others]
+        lines.append(f"{case.name:<40} {case.mode:<8}" + "".join(cells))
+    return "\n".join(lines)
 
 
 def _line(r, metric):

@@ -16,7 +16,7 @@ import torch
 import tlv_fast
 from tlv_fast import reference
 
-from .common import Unavailable, graph_fields, guarded, needs_cuda
+from .common import Unavailable, graph_fields, guarded, interleaved_rows, needs_cuda
 
 METRIC = "tflops"
 PROVIDERS = ["tlv_fast", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient", "flex", "eager", "fa2", "tutorial"]
@@ -24,8 +24,12 @@ CPU_PROVIDERS = ["eager", "tlv_fast", "sdpa"]
 CUDA_ONLY = ("sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "flex", "fa2", "tutorial")
 
 
+CPU_IS_SPEED = True  # tlv_fast runs the C++ kernel on CPU tensors
+CPU_PRESETS = ("cpu", "smoke")  # sized for a CPU; the others need a GPU (the runner refuses them without --force)
+
+
 def default_preset(device):
-    return "milestone" if device == "cuda" else "smoke"
+    return "milestone" if device == "cuda" else "cpu"
 
 
 @dataclasses.dataclass
@@ -38,6 +42,7 @@ class Case:
     D: int
     causal: bool = False
     mask: str = "none"  # "none" | "keypad": a bool (B, 1, 1, Nk) key-padding mask | "varlen": the same batch packed
+    #                     | "bias-grad": a float (1, H, Nq, Nk) bias that requires grad (its gradient is computed)
     mode: str = "fwd"  # "fwd" | "fwd+bwd"
     Hkv: int = 0
     graph: bool = False  # also time one CUDA-graph replay (forward only)
@@ -79,10 +84,18 @@ def presets(name):
                 Case("BERT-base varlen B32 H12 N128-512 D64", 32, 12, 512, 512, 64, mask="varlen", graph=True),
                 Case("GPT decode B8 H16 Nq1 Nk8192 D128", 8, 16, 1, 8192, 128, graph=True),
                 Case("STTR B960 H8 N320 D16", 960, 8, 320, 320, 16, graph=True)]
+    if name == "cpu":  # sized for a few CPU cores: the model shapes at small batches, every forward first
+        cases = [Case("BERT keypad B4 H12 N512 D64", 4, 12, 512, 512, 64, mask="keypad"),
+                 Case("ViT B16 H12 N197 D64", 16, 12, 197, 197, 64),
+                 Case("GPT causal B2 H12 N1024 D64", 2, 12, 1024, 1024, 64, causal=True),
+                 Case("bias with grad B4 H12 N512 D64", 4, 12, 512, 512, 64, mask="bias-grad"),
+                 Case("GQA 4:1 causal B2 H16/4 N1024 D64", 2, 16, 1024, 1024, 64, causal=True, Hkv=4)]
+        return [dataclasses.replace(c, mode=m) for m in modes for c in cases
+                if not (c.mask == "bias-grad" and m == "fwd")]
     if name == "smoke":
         return [Case(f"smoke B1 H2 N64 D32{' causal' if c else ''}", 1, 2, 64, 64, 32, c, mode=m)
                 for m in modes for c in (False, True)]
-    raise ValueError(f"unknown preset {name!r}: milestone, sweep, models, smoke")
+    raise ValueError(f"unknown preset {name!r}: milestone, sweep, models, cpu, smoke")
 
 
 def tiny(case):
@@ -100,6 +113,8 @@ def _inputs(case, dtype, device):
     k = torch.randn(case.B, hkv, case.Nk, case.D, device=device, dtype=dtype, requires_grad=grad)
     v = torch.randn(case.B, hkv, case.Nk, case.D, device=device, dtype=dtype, requires_grad=grad)
     lengths = mask = None
+    if case.mask == "bias-grad":
+        mask = torch.randn(1, case.H, case.Nq, case.Nk, device=device, dtype=dtype, requires_grad=True)
     if case.mask in ("keypad", "varlen"):
         lengths = lengths_of(case).to(device)
         mask = (torch.arange(case.Nk, device=device)[None, :] < lengths[:, None])[:, None, None, :]
@@ -117,7 +132,9 @@ def _sdpa(backend_name, device):
         ctx = sdpa_kernel(backend) if backend is not None else contextlib.nullcontext()
         try:
             with ctx:
-                return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+                gqa = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                                                        **gqa)
         except RuntimeError as e:  # this backend does not take these inputs (a mask for flash, a head dim...)
             if "No available kernel" in str(e):
                 raise Unavailable(f"sdpa-{backend_name} takes no such input") from e
@@ -169,7 +186,7 @@ def _tutorial(device):
 
 def _tlv_backend(device):
     """The Triton kernels: compiled on a GPU, through the interpreter on a CPU under TRITON_INTERPRET=1 (the dry
-    run); otherwise the backend tlv_fast picks for CPU tensors (the reference)."""
+    run); otherwise the backend tlv_fast picks for CPU tensors (the C++ kernel)."""
     return "triton" if device == "cuda" or os.environ.get("TRITON_INTERPRET") == "1" else "auto"
 
 
@@ -213,49 +230,72 @@ def _varlen_call(q, k, v, lengths, causal, device):
     return call, [qp, kp, vp], lambda out: out[:n0, 0]
 
 
-def run_case(case, provider, dtype, device, bench_ms):
-    """One measurement: a dict with ms (do_bench), graph_ms (CUDA graph, forward of `graph` cases), TFLOP/s, GB/s
-    (forward I/O floor), the error on batch 0 head 0 against fp32 eager, and a status."""
-    row = {"case": case.name, "provider": provider, "mode": case.mode, "B": case.B, "H": case.H, "Nq": case.Nq,
-           "Nk": case.Nk, "D": case.D, "causal": case.causal, "mask": case.mask, "dtype": str(dtype).split(".")[-1],
-           "panel": f"{case.mode} D{case.D}{' causal' if case.causal else ''}"
-                    f"{' ' + case.mask if case.mask != 'none' else ''}", "size": case.Nk}
+def _row(case, provider, dtype):
+    return {"case": case.name, "provider": provider, "mode": case.mode, "B": case.B, "H": case.H, "Nq": case.Nq,
+            "Nk": case.Nk, "D": case.D, "causal": case.causal, "mask": case.mask, "dtype": str(dtype).split(".")[-1],
+            "panel": f"{case.mode} D{case.D}{' causal' if case.causal else ''}"
+                     f"{' ' + case.mask if case.mask != 'none' else ''}", "size": case.Nk}
 
-    def measure():
-        extra = {}
-        q, k, v, mask, lengths = _inputs(case, dtype, device)
-        n0 = int(lengths[0]) if case.mask == "varlen" else case.Nq  # batch 0's real query rows
-        if case.mask == "varlen" and provider == "tlv_fast":
-            call, leaves, head0 = _varlen_call(q, k, v, lengths, case.causal, device)
-        else:
-            fn = provider_fn(provider, case, lengths, device)
 
-            def call():
-                return fn(q, k, v, mask, case.causal)
-            leaves = [q, k, v]
+def prepare(case, provider, dtype, device):
+    """The timed callable of one provider on one case (fresh inputs; fwd under no_grad, fwd+bwd with the leaves'
+    grads reset), the leaves whose grads the timer resets, and finish(ms) -> the row's measured fields (ms, TFLOP/s,
+    GB/s, graph_ms for `graph` cases, and the error on batch 0 head 0 against fp32 eager)."""
+    q, k, v, mask, lengths = _inputs(case, dtype, device)
+    n0 = int(lengths[0]) if case.mask == "varlen" else case.Nq  # batch 0's real query rows
+    if case.mask == "varlen" and provider == "tlv_fast":
+        call, leaves, head0 = _varlen_call(q, k, v, lengths, case.causal, device)
+    else:
+        fn = provider_fn(provider, case, lengths, device)
 
-            def head0(out):
-                return out[0, 0, :n0]
-        if case.mode == "fwd":
-            with torch.no_grad():
-                out = call()
-                ms = bench_ms(call, device)
-                if case.graph:
-                    extra.update(graph_fields(call, device))
-        else:
+        def call():
+            return fn(q, k, v, mask, case.causal)
+        leaves = [q, k, v] + ([mask] if case.mask == "bias-grad" else [])
+
+        def head0(out):
+            return out[0, 0, :n0]
+    if case.mode == "fwd":
+        with torch.no_grad():
             out = call()
-            dout = torch.randn_like(out)
 
-            def step():
-                call().backward(dout)
-            ms = bench_ms(step, device, grad_to_none=leaves)
+        def timed():
+            with torch.no_grad():
+                return call()
+    else:
+        out = call()
+        dout = torch.randn_like(out)
+
+        def timed():
+            call().backward(dout)
+
+    def finish(ms):
+        extra = {}
+        if case.mode == "fwd" and case.graph:
+            extra.update(graph_fields(call, device))
         # guard: the timed provider computes attention (checked on batch 0, head 0 against fp32 eager)
         nk0 = n0 if case.mask == "varlen" else case.Nk
-        m0 = mask[:1] if case.mask == "keypad" else None
+        m0 = {"keypad": lambda: mask[:1], "bias-grad": lambda: mask.detach()[:1, :1].float()}.get(case.mask)
         want = reference.attention(q.detach()[:1, :1, :n0].float(), k.detach()[:1, :1, :nk0].float(),
-                                   v.detach()[:1, :1, :nk0].float(), m0, causal="top_left" if case.causal else None)
+                                   v.detach()[:1, :1, :nk0].float(), m0() if m0 else None,
+                                   causal="top_left" if case.causal else None)
         extra["max_err"] = (head0(out.detach()).float() - want[0, 0]).abs().max().item()
         return dict(extra, ms=ms, tflops=case.flops() / ms * 1e-9,
                     gbps=case.io_bytes(q.element_size()) / ms * 1e-6 if case.mode == "fwd" else None)
+    return timed, leaves, finish
 
-    return guarded(row, measure, device)
+
+def run_case(case, provider, dtype, device, bench_ms):
+    """One measurement: a dict with ms (do_bench), graph_ms (CUDA graph, forward of `graph` cases), TFLOP/s, GB/s
+    (forward I/O floor), the error on batch 0 head 0 against fp32 eager, and a status."""
+    def measure():
+        timed, leaves, finish = prepare(case, provider, dtype, device)
+        return finish(bench_ms(timed, device, grad_to_none=leaves if case.mode != "fwd" else None))
+
+    return guarded(_row(case, provider, dtype), measure, device)
+
+
+def run_interleaved(case, providers, dtype, device, rounds):
+    """The CPU measurement: every provider of one case prepared, warmed up, then timed once per round in turn for
+    `rounds` rounds (a shared, noisy machine drifts alike for all of them); ms is each one's median."""
+    return interleaved_rows(lambda prov: _row(case, prov, dtype),
+                            lambda prov: prepare(case, prov, dtype, device), providers, device, rounds)

@@ -5,6 +5,7 @@ and `graph_ms` (the call captured once in a CUDA graph and replayed: device time
 """
 import csv
 import datetime
+import dataclasses
 import os
 import platform
 import statistics
@@ -126,6 +127,67 @@ def guarded(row, measure, device):
     return row
 
 
+def cpu_peak_mib(op, case, provider, dtype):
+    """Peak memory of one call on a CPU, honestly: a fresh process builds the inputs (op.peak_call), reads its RSS
+    high-water mark (getrusage ru_maxrss), runs the call once and reads it again; the difference in MiB (what the
+    call needed beyond the process and its inputs, allocator caching included)."""
+    import json
+    import subprocess
+    spec = json.dumps({"op": op, "case": dataclasses.asdict(case), "provider": provider,
+                       "dtype": str(dtype).split(".")[-1]})
+    res = subprocess.run([sys.executable, "-m", "benchmarks.common", spec], capture_output=True, text=True,
+                         timeout=1800, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if res.returncode != 0:
+        raise RuntimeError(f"peak-memory process failed: {res.stderr.strip().splitlines()[-1:]}")
+    return float(res.stdout.strip().splitlines()[-1])
+
+
+def _peak_main(spec):
+    import importlib
+    import json
+    import resource
+    s = json.loads(spec)
+    module = importlib.import_module(f"benchmarks.{s['op']}")
+    case = module.Case(**s["case"])
+    step = module.peak_call(case, s["provider"], getattr(torch, {"fp32": "float32"}.get(s["dtype"], s["dtype"])))
+    try:  # what any call pays once (the extension's library, BLAS and thread pools) is not the call's memory
+        from tlv_fast import _ext
+        _ext.load("cpu")
+    except Exception:
+        pass
+    torch.randn(64, 64) @ torch.randn(64, 64)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print((after - before) / 1024.0)  # KiB -> MiB (Linux)
+
+
+def interleaved_rows(make_row, prepare, providers, device, rounds):
+    """Rows of a CPU measurement taken in turns: prepare(provider) -> (timed, leaves, finish(ms) -> fields) for each
+    provider (one that cannot run gets its status now), one warm-up call each, then `rounds` rounds in which every
+    provider is timed once (wall clock; the leaves' grads reset first); each row gets the median of its times."""
+    rows, ready = {}, {}
+    for prov in providers:
+        row = make_row(prov)
+
+        def setup(prov=prov):
+            timed, leaves, finish = prepare(prov)
+            timed()
+            ready[prov] = (timed, leaves, finish, [])
+            return {}
+        rows[prov] = guarded(row, setup, device)
+    for _ in range(rounds):
+        for prov, (timed, leaves, _, times) in ready.items():
+            for t in leaves or ():
+                t.grad = None
+            t0 = time.perf_counter()
+            timed()
+            times.append((time.perf_counter() - t0) * 1e3)
+    for prov, (_, _, finish, times) in ready.items():
+        guarded(rows[prov], lambda: finish(statistics.median(times)), device)
+    return [rows[p] for p in providers]
+
+
 class Progress:
     def __init__(self, total, label):
         self.total, self.done, self.label, self.t0 = total, 0, label, time.time()
@@ -224,3 +286,7 @@ def plot(rows, path, x, y, series, panel, title):
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+if __name__ == "__main__":  # the fresh process of cpu_peak_mib
+    _peak_main(sys.argv[1])

@@ -15,6 +15,10 @@ PROVIDERS = ["tlv_fast", "eager", "compiled"]
 CPU_PROVIDERS = ["tlv_fast", "eager"]
 
 
+CPU_IS_SPEED = True  # tlv_fast runs the C++ kernel on CPU tensors
+CPU_PRESETS = ("cpu", "smoke")  # sized for a CPU (the C++ path); the others need a GPU
+
+
 def default_preset(device):
     return "h200" if device == "cuda" else "cpu"
 

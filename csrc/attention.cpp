@@ -19,6 +19,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "cpu_blocks.h"
 #include "vec_math.h"
 
 #include <algorithm>
@@ -29,65 +30,15 @@
 #include <optional>
 #include <vector>
 
-// Fortran BLAS single-precision GEMM (MKL or OpenBLAS inside libtorch_cpu). Weak: a torch build without it loads
-// this library anyway and uses the portable loop below.
-extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
-                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
-                       const float* beta, float* c, const int* ldc) __attribute__((weak));
-
 namespace tlv_fast {
 namespace {
 
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-bool have_blas() { return sgemm_ != nullptr; }
-
-// Row-major C (M x N) = alpha * op(A) op(B) + beta * C, op(X) = X or X^T; lda/ldb/ldc are row strides.
-void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A, int64_t lda,
-          const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
-  if (M == 0 || N == 0) return;
-  if (have_blas() && K > 0) {
-    // row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T
-    const int m = static_cast<int>(N), n = static_cast<int>(M), k = static_cast<int>(K);
-    const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
-    sgemm_(tb ? "T" : "N", ta ? "T" : "N", &m, &n, &k, &alpha, B, &la, A, &lb, &beta, C, &lc);
-    return;
-  }
-  for (int64_t i = 0; i < M; ++i) {
-    float* c = C + i * ldc;
-    if (beta == 0.0f) {
-      std::fill(c, c + N, 0.0f);
-    } else if (beta != 1.0f) {
-      for (int64_t j = 0; j < N; ++j) c[j] *= beta;
-    }
-    for (int64_t p = 0; p < K; ++p) {
-      const float a = alpha * (ta ? A[p * lda + i] : A[i * lda + p]);
-      if (!tb) {
-        const float* b = B + p * ldb;
-        for (int64_t j = 0; j < N; ++j) c[j] += a * b[j];
-      } else {
-        for (int64_t j = 0; j < N; ++j) c[j] += a * B[j * ldb + p];
-      }
-    }
-  }
-}
-
-// A (B, H, N, D) fp32 tensor whose rows are contiguous with a row stride >= D (what the GEMM needs): the input
-// itself when it already is one (no copy), else an fp32 copy.
-at::Tensor rows_f32(const at::Tensor& t) {
-  at::Tensor f = t.scalar_type() == at::kFloat ? t : t.to(at::kFloat);
-  if (f.size(3) > 1 && f.stride(3) != 1) f = f.contiguous();
-  if (f.size(2) > 1 && f.stride(2) < f.size(3)) f = f.contiguous();
-  return f;
-}
-
-struct Rows {  // element [b, h, i, :] of a rows_f32 tensor
-  const float* p;
-  int64_t sb, sh, ld;
-  explicit Rows(const at::Tensor& t) : p(t.data_ptr<float>()), sb(t.stride(0)), sh(t.stride(1)),
-                                       ld(std::max<int64_t>(t.size(2) > 1 ? t.stride(2) : t.size(3), 1)) {}
-  const float* at(int64_t b, int64_t h, int64_t i) const { return p + b * sb + h * sh + i * ld; }
-};
+using cpu::Block;
+using cpu::Rows;
+using cpu::gemm;
+using cpu::heaviest_first;
+using cpu::kNegInf;
+using cpu::parallel_dynamic;
 
 // The mask, read through its (broadcast) strides in its own dtype.
 struct Mask {
@@ -174,9 +125,9 @@ struct Problem {
     return end;
   }
   // the scaled, masked logits of rows [i0, i0 + m) and keys [j0, j0 + n) into s (m x n): S = scale q k^T (+ mask)
-  void logits(const Rows& q, const Rows& k, int64_t b, int64_t h, int64_t i0, int64_t m, int64_t j0, int64_t n,
-              float* s) const {
-    gemm(false, true, m, n, D, scale, q.at(b, h, i0), q.ld, k.at(b, h / group, j0), k.ld, 0.0f, s, n);
+  // q: the block's rows; k: the kv head's rows from key 0
+  void logits(Block q, Block k, int64_t b, int64_t h, int64_t i0, int64_t m, int64_t j0, int64_t n, float* s) const {
+    gemm(false, true, m, n, D, scale, q.p, q.ld, k.p + j0 * k.ld, k.ld, 0.0f, s, n);
     for (int64_t r = 0; r < m; ++r) {
       float* row = s + r * n;
       if (mask.present()) mask.apply(b, h, i0 + r, j0, n, row);
@@ -193,30 +144,6 @@ struct Problem {
   }
 };
 
-// Runs worker(next) on every thread; next() hands out 0, 1, ..., n - 1 once each, then -1: threads that finish
-// early take more (no thread waits on a fixed share of uneven tasks).
-template <typename F>
-void parallel_dynamic(int64_t n, const F& worker) {
-  std::atomic<int64_t> counter{0};
-  const auto next = [&]() -> int64_t {
-    const int64_t i = counter.fetch_add(1, std::memory_order_relaxed);
-    return i < n ? i : -1;
-  };
-  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n));
-  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) worker(next);
-  });
-}
-
-// the tasks' indices by decreasing cost (longest first: the last tasks to start are the short ones)
-std::vector<int64_t> heaviest_first(const std::vector<int64_t>& cost) {
-  std::vector<int64_t> order(cost.size());
-  for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int64_t>(i);
-  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return cost[a] > cost[b]; });
-  return order;
-}
-
-// the key range [0, kend) of every (b, h, query block)
 std::vector<int64_t> block_key_ends(const Problem& P, int64_t block_m) {
   const int64_t qblocks = (P.Nq + block_m - 1) / block_m;
   std::vector<int64_t> kends(P.B * P.Hq * qblocks);
@@ -244,18 +171,20 @@ void forward(const Problem& P, const Rows& q, const Rows& k, const Rows& v, out_
     cost[t] = kends[t] * std::min(kBlockM, P.Nq - static_cast<int64_t>(t % qblocks) * kBlockM);
   const std::vector<int64_t> order = heaviest_first(cost);
   parallel_dynamic(static_cast<int64_t>(order.size()), [&](const auto& next) {
-    std::vector<float> s(kBlockM * bn), acc(kBlockM * P.Dv), mx(kBlockM), l(kBlockM);
+    std::vector<float> s(kBlockM * bn), acc(kBlockM * P.Dv), mx(kBlockM), l(kBlockM), qbuf, kbuf, vbuf;
     for (int64_t i = next(); i >= 0; i = next()) {
       const int64_t task = order[i];
       const int64_t qb = task % qblocks, bh = task / qblocks, h = bh % P.Hq, b = bh / P.Hq;
       const int64_t i0 = qb * kBlockM, m = std::min(kBlockM, P.Nq - i0);
       const int64_t kend = kends[task];
+      const Block qr = q.block(b, h, i0, m, qbuf), kr = k.block(b, h / P.group, 0, kend, kbuf),
+                  vr = v.block(b, h / P.group, 0, kend, vbuf);
       std::fill(acc.begin(), acc.begin() + m * P.Dv, 0.0f);
       std::fill(mx.begin(), mx.end(), kNegInf);
       std::fill(l.begin(), l.end(), 0.0f);
       for (int64_t j0 = 0; j0 < kend; j0 += bn) {
         const int64_t n = std::min(bn, kend - j0);
-        P.logits(q, k, b, h, i0, m, j0, n, s.data());
+        P.logits(qr, kr, b, h, i0, m, j0, n, s.data());
         for (int64_t r = 0; r < m; ++r) {
           float* row = s.data() + r * n;
           const float m_new = std::max(mx[r], row_max(row, n));
@@ -274,7 +203,7 @@ void forward(const Problem& P, const Rows& q, const Rows& k, const Rows& v, out_
             for (int64_t j = 0; j < n; ++j) row[j] *= P.drop(b, h, i0 + r, j0 + j);
           }
         }
-        gemm(false, false, m, P.Dv, n, 1.0f, s.data(), n, v.at(b, h / P.group, j0), v.ld, 1.0f, acc.data(), P.Dv);
+        gemm(false, false, m, P.Dv, n, 1.0f, s.data(), n, vr.p + j0 * vr.ld, vr.ld, 1.0f, acc.data(), P.Dv);
       }
       for (int64_t r = 0; r < m; ++r) {
         out_t* o = out + b * osb + h * osh + (i0 + r) * osi;
@@ -312,9 +241,11 @@ void backward(const Problem& P, const Rows& q, const Rows& k, const Rows& v, con
   parallel_dynamic(static_cast<int64_t>(order.size()), [&](const auto& next) {
     std::vector<float> pr(kBlockM * bn), pd(P.dropout_p > 0.0f ? kBlockM * bn : 0), dp(kBlockM * bn);
     std::vector<float> dq_acc(kBlockM * P.D), delta(kBlockM), dk_acc(P.Nk * P.D), dv_acc(P.Nk * P.Dv);
+    std::vector<float> qbuf, kbuf, vbuf, gbuf, obuf;
     for (int64_t i = next(); i >= 0; i = next()) {
       const int64_t task = order[i];
       const int64_t hk = task % P.Hk, b = task / P.Hk;
+      const Block kr = k.block(b, hk, 0, P.Nk, kbuf), vr = v.block(b, hk, 0, P.Nk, vbuf);
       std::fill(dk_acc.begin(), dk_acc.end(), 0.0f);
       std::fill(dv_acc.begin(), dv_acc.end(), 0.0f);
       for (int64_t h = hk * P.group; h < (hk + 1) * P.group; ++h) {
@@ -322,16 +253,18 @@ void backward(const Problem& P, const Rows& q, const Rows& k, const Rows& v, con
           const int64_t i0 = qb * kBlockM, m = std::min(kBlockM, P.Nq - i0);
           const float* row_lse = lse + (b * P.Hq + h) * P.Nq + i0;
           const int64_t kend = kends[(b * P.Hq + h) * qblocks + qb];
+          const Block qr = q.block(b, h, i0, m, qbuf), gr = dout.block(b, h, i0, m, gbuf),
+                      orow = out.block(b, h, i0, m, obuf);
           for (int64_t r = 0; r < m; ++r) {
-            const float* o = out.at(b, h, i0 + r);
-            const float* g = dout.at(b, h, i0 + r);
+            const float* o = orow.p + r * orow.ld;
+            const float* g = gr.p + r * gr.ld;
             // d lse / d S = softmax: a gradient into lse enters as if it were subtracted from delta
             delta[r] = dot(o, g, P.Dv) - (dlse != nullptr ? dlse[(b * P.Hq + h) * P.Nq + i0 + r] : 0.0f);
           }
           std::fill(dq_acc.begin(), dq_acc.begin() + m * P.D, 0.0f);
           for (int64_t j0 = 0; j0 < kend; j0 += bn) {
             const int64_t n = std::min(bn, kend - j0);
-            P.logits(q, k, b, h, i0, m, j0, n, pr.data());
+            P.logits(qr, kr, b, h, i0, m, j0, n, pr.data());
             for (int64_t r = 0; r < m; ++r) {  // P = exp(S - lse); a row that sees nothing has P = 0
               float* row = pr.data() + r * n;
               const float shift = row_lse[r];
@@ -348,10 +281,8 @@ void backward(const Problem& P, const Rows& q, const Rows& k, const Rows& v, con
               weights = pd.data();
             }
             // dV += weights^T dO ; dP = dO V^T
-            gemm(true, false, n, P.Dv, m, 1.0f, weights, n, dout.at(b, h, i0), dout.ld, 1.0f,
-                 dv_acc.data() + j0 * P.Dv, P.Dv);
-            gemm(false, true, m, n, P.Dv, 1.0f, dout.at(b, h, i0), dout.ld, v.at(b, hk, j0), v.ld, 0.0f,
-                 dp.data(), n);
+            gemm(true, false, n, P.Dv, m, 1.0f, weights, n, gr.p, gr.ld, 1.0f, dv_acc.data() + j0 * P.Dv, P.Dv);
+            gemm(false, true, m, n, P.Dv, 1.0f, gr.p, gr.ld, vr.p + j0 * vr.ld, vr.ld, 0.0f, dp.data(), n);
             for (int64_t r = 0; r < m; ++r) {  // dS = P * (dP * dropout - delta), in place in dp
               float* g = dp.data() + r * n;
               const float* p = pr.data() + r * n;
@@ -367,9 +298,8 @@ void backward(const Problem& P, const Rows& q, const Rows& k, const Rows& v, con
               }
             }
             // dQ += dS K (scaled at the end) ; dK += scale dS^T Q
-            gemm(false, false, m, P.D, n, 1.0f, dp.data(), n, k.at(b, hk, j0), k.ld, 1.0f, dq_acc.data(), P.D);
-            gemm(true, false, n, P.D, m, P.scale, dp.data(), n, q.at(b, h, i0), q.ld, 1.0f,
-                 dk_acc.data() + j0 * P.D, P.D);
+            gemm(false, false, m, P.D, n, 1.0f, dp.data(), n, kr.p + j0 * kr.ld, kr.ld, 1.0f, dq_acc.data(), P.D);
+            gemm(true, false, n, P.D, m, P.scale, dp.data(), n, qr.p, qr.ld, 1.0f, dk_acc.data() + j0 * P.D, P.D);
           }
           store_rows(dq_acc.data(), m, P.D, P.D, P.scale,
                      dq_p + b * dq.stride(0) + h * dq.stride(1) + i0 * dq.stride(2), dq.stride(2));
@@ -414,9 +344,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
   at::Tensor out = empty_like_layout(q, P.Dv, q.scalar_type());
   at::Tensor lse = at::empty({P.B, P.Hq, P.Nq}, q.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse.fill_(-std::numeric_limits<double>::infinity())};
-  const at::Tensor qf = rows_f32(q), kf = rows_f32(k), vf = rows_f32(v);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "native_attention_fwd", [&] {
-    forward<scalar_t>(P, Rows(qf), Rows(kf), Rows(vf), out.data_ptr<scalar_t>(), out.stride(0), out.stride(1),
+    forward<scalar_t>(P, Rows(q), Rows(k), Rows(v), out.data_ptr<scalar_t>(), out.stride(0), out.stride(1),
                       out.stride(2), lse.data_ptr<float>());
   });
   return {out, lse};
@@ -441,11 +370,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     dq.zero_(), dk.zero_(), dv.zero_();
     return {dq, dk, dv, dmask};
   }
-  const at::Tensor qf = rows_f32(q), kf = rows_f32(k), vf = rows_f32(v), gf = rows_f32(dout), of = rows_f32(out);
   const at::Tensor lse_c = lse.contiguous();
   at::Tensor dlse_c = dlse.has_value() ? dlse->to(at::kFloat).contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "native_attention_bwd", [&] {
-    backward<scalar_t>(P, Rows(qf), Rows(kf), Rows(vf), Rows(gf), Rows(of), lse_c.data_ptr<float>(),
+    backward<scalar_t>(P, Rows(q), Rows(k), Rows(v), Rows(dout), Rows(out), lse_c.data_ptr<float>(),
                        dlse.has_value() ? dlse_c.data_ptr<float>() : nullptr, dq, dk, dv,
                        mask_grad ? dmask.data_ptr<float>() : nullptr);
   });

@@ -107,4 +107,49 @@ inline void check_attention_grad(const at::Tensor& dout, const std::optional<at:
   check_same_device(op, q, "lse", lse);
 }
 
+// native_relpos_fwd / _bwd: q (B, H, Nq, d), k (B, H, Nk, d), v (B, H, Nk, dv), qr and kr (Nq + Nk - 1, H, d), one
+// dtype (fp32 / bf16 / fp16) and device; Nq, Nk >= 1; offset_sign +1 or -1
+inline void check_relpos(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                         const at::Tensor& qr, const at::Tensor& kr, int64_t offset_sign) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, op, ": q, k and v must be 4-D (B, H, N, d), got ",
+              q.sizes(), ", ", k.sizes(), ", ", v.sizes());
+  const auto dt = q.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, op,
+              ": q must be float32, bfloat16 or float16, got ", dt);
+  for (const auto* t : {&k, &v, &qr, &kr}) {
+    TORCH_CHECK(t->scalar_type() == dt, op, ": q, k, v, qr and kr must share a dtype, got ", dt, " and ",
+                t->scalar_type());
+    check_same_device(op, q, "every input", *t);
+  }
+  const int64_t B = q.size(0), H = q.size(1), Nq = q.size(2), d = q.size(3), Nk = k.size(2);
+  TORCH_CHECK(k.size(0) == B && k.size(1) == H && k.size(3) == d && v.size(0) == B && v.size(1) == H &&
+                  v.size(2) == Nk,
+              op, ": k must be (B, H, Nk, d) and v (B, H, Nk, dv) for q ", q.sizes(), ", got ", k.sizes(), " and ",
+              v.sizes());
+  TORCH_CHECK(Nq >= 1 && Nk >= 1, op, ": Nq and Nk must be >= 1, got ", Nq, " and ", Nk);
+  for (const auto* t : {&qr, &kr}) {
+    TORCH_CHECK(t->dim() == 3 && t->size(0) == Nq + Nk - 1 && t->size(1) == H && t->size(2) == d, op,
+                ": qr and kr must be (Nq + Nk - 1, H, d) = (", Nq + Nk - 1, ", ", H, ", ", d, "), got ", t->sizes());
+  }
+  TORCH_CHECK(offset_sign == 1 || offset_sign == -1, op, ": offset_sign must be +1 or -1, got ", offset_sign);
+}
+
+inline void check_relpos_grad(const at::Tensor& dout, const std::optional<at::Tensor>& dlogits, const at::Tensor& q,
+                              const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse) {
+  const char* op = "native_relpos_bwd";
+  TORCH_CHECK(out.dim() == 4 && out.size(0) == q.size(0) && out.size(1) == q.size(1) && out.size(2) == q.size(2) &&
+                  out.size(3) == v.size(3) && dout.sizes() == out.sizes() && dout.scalar_type() == q.scalar_type(),
+              op, ": out and dout must be (B, H, Nq, dv) in q's dtype, got ", out.sizes(), " and ", dout.sizes());
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == q.size(0) && lse.size(1) == q.size(1) && lse.size(2) == q.size(2) &&
+                  lse.scalar_type() == at::kFloat,
+              op, ": lse must be float32 (B, H, Nq), got ", lse.sizes(), " ", lse.scalar_type());
+  if (dlogits.has_value()) {
+    TORCH_CHECK(dlogits->dim() == 3 && dlogits->size(0) == q.size(0) && dlogits->size(1) == q.size(2), op,
+                ": dlogits must be (B, Nq, Nk), got ", dlogits->sizes());
+    check_same_device(op, q, "dlogits", *dlogits);
+  }
+  check_same_device(op, q, "dout", dout);
+  check_same_device(op, q, "lse", lse);
+}
+
 }  // namespace tlv_fast

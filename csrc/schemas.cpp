@@ -20,4 +20,10 @@ TORCH_LIBRARY(tlv_fast, m) {
   m.def("native_attention_bwd(Tensor dout, Tensor? dlse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
         "Tensor? mask, Tensor? seed, float scale, int? causal_offset, float dropout_p, bool mask_grad) -> "
         "(Tensor, Tensor, Tensor, Tensor)");
+  // STTR's relative-position attention (csrc/relpos.cpp): out, lse (B, H, Nq) float32 and the head-summed logits
+  // (B, Nq, Nk) float32 when return_logits (else empty); the backward returns dq, dk, dv, d(qr), d(kr).
+  m.def("native_relpos_fwd(Tensor q, Tensor k, Tensor v, Tensor qr, Tensor kr, int offset_sign, bool mask_upper, "
+        "bool return_logits) -> (Tensor, Tensor, Tensor)");
+  m.def("native_relpos_bwd(Tensor dout, Tensor? dlogits, Tensor q, Tensor k, Tensor v, Tensor qr, Tensor kr, "
+        "Tensor out, Tensor lse, int offset_sign, bool mask_upper) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

@@ -67,8 +67,8 @@ def test_op_calls_reject_unknown_names():
 
 
 def test_an_explicit_name_the_op_lacks_raises_at_construction():
-    with pytest.raises(ValueError, match="'relpos_attention' has no 'native' backend"):
-        tlv_fast.nn.RelativeMultiheadAttention(16, 2, backend="native")
+    with pytest.raises(ValueError, match="'varlen_attention' has no 'native' backend"):
+        backends.validate("native", ops=("varlen_attention",), where="BERTConfig.backend")
     with pytest.raises(ValueError, match="'sinkhorn' has no 'triton' backend"):
         STTRConfig(backend="triton")
     with pytest.raises(ValueError, match="not an op this runs"):
@@ -96,7 +96,7 @@ def test_env_names_a_backend_per_op_or_for_all(monkeypatch):
     i = backends.Inputs(torch.device("cpu"), torch.float32)
     monkeypatch.setenv("TLV_FAST_BACKEND", "sinkhorn=reference")
     assert backends.choose("sinkhorn", "auto", i) == "reference"
-    assert backends.choose("attention", "auto", i) == "reference"  # not named: auto
+    assert backends.choose("attention", "auto", i) == "native"  # not named: auto (the C++ kernel on CPU)
     monkeypatch.setenv("TLV_FAST_BACKEND", "optimal_transport=native")
     assert backends.choose("sinkhorn", "auto", i) in ("native",)
     monkeypatch.setenv("TLV_FAST_BACKEND", "nonsense=triton")
@@ -105,7 +105,7 @@ def test_env_names_a_backend_per_op_or_for_all(monkeypatch):
     monkeypatch.setenv("TLV_FAST_BACKEND", "native")  # attention has none: it says so once and keeps auto
     backends.forget()
     with pytest.warns(RuntimeWarning, match="no 'native' backend"):
-        assert backends.choose("attention", "auto", i) == "reference"
+        assert backends.choose("varlen_attention", "auto", i) == "reference"
     monkeypatch.setenv("TLV_FAST_BACKEND", "reference")
     assert backends.choose("sinkhorn", "native", i) == "native"  # explicit names win over the environment
 

@@ -1,4 +1,5 @@
-"""The benchmark runner works end to end on this machine (on a CPU: the smoke preset, which is not speed)."""
+"""The benchmark runner works end to end on this machine (on a CPU: the smoke presets), a GPU-sized preset on a CPU
+stops at once naming the CPU preset, and the CPU preset interleaves its providers."""
 import csv
 import os
 import subprocess
@@ -25,7 +26,8 @@ def test_runner_smoke_writes_table_csv_and_png(tmp_path, op, stem, providers, un
                          capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert unit in res.stdout
-    assert ("NOT SPEED" in res.stdout) == (op != "sinkhorn")  # the C++ Sinkhorn path is what runs on CPUs
+    # attention and Sinkhorn run their C++ kernels on CPUs: speed; the other runners' tlv_fast rows run eager code
+    assert ("NOT SPEED" in res.stdout) == (op not in ("attention", "sinkhorn"))
     with open(tmp_path / f"{stem}.csv") as f:
         rows = list(csv.DictReader(f))
     assert {r["provider"] for r in rows} == providers
@@ -39,3 +41,24 @@ def test_flop_convention():
     c = Case("x", 4, 16, 4096, 4096, 128)
     assert c.flops() == 4 * 4 * 16 * 4096 * 4096 * 128
     assert Case("x", 4, 16, 4096, 4096, 128, causal=True, mode="fwd+bwd").flops() == c.flops() * 0.5 * 3.5
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the refusal on machines without CUDA")
+def test_gpu_sized_preset_on_a_cpu_stops_at_once_naming_the_cpu_preset():
+    res = subprocess.run([sys.executable, "-m", "benchmarks", "attention", "--preset", "milestone"],
+                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert res.returncode == 2 and "--preset cpu" in res.stderr and "--force" in res.stderr
+
+
+def test_interleaved_rows_time_every_provider_in_turns():
+    from benchmarks.common import interleaved_rows
+    calls = []
+
+    def prepare(prov):
+        if prov == "missing":
+            from benchmarks.common import Unavailable
+            raise Unavailable("not here")
+        return (lambda: calls.append(prov)), [], (lambda ms: {"ms": ms})
+    rows = interleaved_rows(lambda p: {"provider": p}, prepare, ["a", "missing", "b"], "cpu", rounds=3)
+    assert calls == ["a", "b"] + ["a", "b"] * 3  # one warm-up each, then rounds in turn
+    assert [r["status"] for r in rows] == ["ok", "n/a: not here", "ok"] and rows[0]["ms"] >= 0

@@ -1,6 +1,6 @@
-"""STTR's relative-position attention: the Triton kernel (through the interpreter on a CPU) against the eager
-reference — output, head-summed logits and all five gradients — and the module against an eager transcription of
-the spec's formula."""
+"""STTR's relative-position attention: the Triton kernel (through the interpreter on a CPU) and the C++ CPU kernel
+(backend="native") against the eager reference — output, head-summed logits and all five gradients — and the module
+against an eager transcription of the spec's formula."""
 
 import pytest
 import torch
@@ -12,15 +12,15 @@ from tlv_fast.kernels.common import force_blocks
 from helpers import DEVICE, as_truth, assert_close, assert_fa_rule, dtype_params, spec_relpos_mha
 
 
-def _inputs(B, H, nq, nk, d, dtype, dv=None):
+def _inputs(B, H, nq, nk, d, dtype, dv=None, device=DEVICE):
     g = [torch.randn(B, H, nq, d), torch.randn(B, H, nk, d), torch.randn(B, H, nk, dv or d),
          torch.randn(nq + nk - 1, H, d), torch.randn(nq + nk - 1, H, d)]
-    return [(t * 0.7).to(device=DEVICE, dtype=dtype).requires_grad_() for t in g]
+    return [(t * 0.7).to(device=device, dtype=dtype).requires_grad_() for t in g]
 
 
-def _check(inputs, sign, mask, dtype, return_logits=True):
+def _check(inputs, sign, mask, dtype, return_logits=True, backend="triton"):
     kw = dict(offset_sign=sign, mask_upper=mask, return_logits=True)
-    out, logits = tlv_fast.relpos_attention(*inputs, **kw, backend="triton")
+    out, logits = tlv_fast.relpos_attention(*inputs, **kw, backend=backend)
     ref_out, ref_logits = reference.relpos_attention(*inputs, **kw)
     truth_inputs = as_truth(*inputs)
     truth_out, truth_logits = reference.relpos_attention(*truth_inputs, **kw)
@@ -97,6 +97,53 @@ def test_bad_input():
         tlv_fast.relpos_attention(q.double(), k.double(), v.double(), qr.double(), kr.double(), backend="triton")
 
 
+# ---- the C++ CPU kernel (backend="native") ----------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", dtype_params())
+@pytest.mark.parametrize("mask", [False, True], ids=["full", "mask_upper"])
+@pytest.mark.parametrize("sign", [1, -1], ids=["sign+", "sign-"])
+@pytest.mark.parametrize("nq,nk", [(24, 24), (21, 13), (13, 30), (1, 1), (150, 290)],
+                         ids=["square", "Nq>Nk", "Nq<Nk", "one", "several-blocks"])
+def test_native_matches_reference(nq, nk, sign, mask, dtype):
+    _check(_inputs(2, 2, nq, nk, 16, dtype, device="cpu"), sign, mask, dtype, backend="native")
+
+
+def test_native_mid_sized_head_dims_strides_and_no_logits():
+    _check(_inputs(2, 8, 160, 160, 16, torch.float32, device="cpu"), 1, True, torch.float32, backend="native")
+    _check(_inputs(1, 2, 33, 47, 40, torch.float32, dv=24, device="cpu"), -1, False, torch.float32,
+           return_logits=False, backend="native")
+    q, k, v, qr, kr = _inputs(2, 2, 17, 17, 16, torch.float32, dv=32, device="cpu")
+    base = torch.randn(2, 17, 2, 48)
+    q2 = base[..., :16].transpose(1, 2).detach().requires_grad_()
+    _check([q2, k, v, qr, kr], 1, False, torch.float32, backend="native")
+
+
+def test_native_backward_is_deterministic_and_auto_picks_it_on_cpu():
+    inputs = _inputs(3, 2, 40, 40, 16, torch.float32, device="cpu")
+    g = torch.randn(3, 2, 40, 16)
+    a = torch.autograd.grad(tlv_fast.relpos_attention(*inputs, backend="native"), inputs, g)
+    b = torch.autograd.grad(tlv_fast.relpos_attention(*inputs, backend="native"), inputs, g)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    from tlv_fast import backends
+    assert backends.choose("relpos_attention", "auto",
+                           backends.Inputs(torch.device("cpu"), torch.float32, 16)) == "native"
+
+
+def test_native_opcheck_and_compile():
+    from tlv_fast.ops import relpos
+    ops = relpos._native_ops()
+    q, k, v, qr, kr = _inputs(2, 2, 9, 7, 16, torch.float32, device="cpu")
+    torch.library.opcheck(ops.native_relpos_fwd.default, (q, k, v, qr, kr, -1, True, True))
+    torch.library.opcheck(ops.native_relpos_fwd.default, (q, k, v, qr, kr, 1, False, False))
+    torch._dynamo.reset()
+    f = torch.compile(lambda *a: tlv_fast.relpos_attention(*a, mask_upper=True, return_logits=True, backend="native"),
+                      fullgraph=True, backend="aot_eager")
+    out, logits = f(q, k, v, qr, kr)
+    ref_out, _ = reference.relpos_attention(q, k, v, qr, kr, mask_upper=True, return_logits=True)
+    assert_close(out, ref_out, name="out")
+    with pytest.raises(RuntimeError, match="qr and kr must be"):
+        ops.native_relpos_fwd(q, k, v, qr[:-1], kr, 1, False, False)
+
+
 def test_opcheck_and_compile():
     q, k, v, qr, kr = _inputs(1, 2, 9, 7, 16, torch.float32)
     torch.library.opcheck(torch.ops.tlv_fast.relpos_attention_fwd.default, (q, k, v, qr, kr, -1, True, True, "ieee"))
@@ -108,7 +155,8 @@ def test_opcheck_and_compile():
     assert_close(out, ref_out, name="out")
 
 
-@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("backend", ["triton", "reference", pytest.param(
+    "native", marks=pytest.mark.skipif(DEVICE != "cpu", reason="the native relpos kernel runs CPU tensors"))])
 @pytest.mark.parametrize("sign,mask,cross", [(1, False, False), (1, True, True), (-1, False, True)],
                          ids=["self", "left-query-masked", "right-query"])
 def test_module_matches_the_spec_formula(sign, mask, cross, backend):

@@ -1,10 +1,12 @@
-"""STTR's relative-position attention: the Triton kernel as torch.library custom ops with autograd, and dispatch."""
+"""STTR's relative-position attention: the Triton kernel as torch.library custom ops with autograd, the C++ CPU kernel
+(csrc/relpos.cpp, ``tlv_fast::native_relpos_fwd`` / ``_bwd``) with its fake implementations and autograd, and
+dispatch."""
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .. import backends, reference, testing
+from .. import _ext, backends, reference, testing
 from ._common import (
     FLOAT_DTYPES,
     TRITON_DTYPES,
@@ -12,6 +14,7 @@ from ._common import (
     check_precision,
     eager_twin,
     empty_layout,
+    native_runtime,
     no_double_backward,
     triton_runtime,
 )
@@ -29,10 +32,13 @@ def _kernels():
 
 
 FAMILY = backends.family("relpos_attention", public=("relpos_attention",),
-                         auto={"cuda": ("triton", "reference"), "cpu": ("reference",)}, features=("logits",))
+                         auto={"cuda": ("triton", "reference"), "cpu": ("native", "reference")}, features=("logits",))
 TRITON = FAMILY.declare(backends.Implementation(
     "relpos_attention", "triton", dtypes={"cuda": TRITON_DTYPES, "cpu": TRITON_DTYPES}, max_head_dim=MAX_HEAD_DIM,
     runtime=triton_runtime(_kernels), notes={"cpu": "only under `TRITON_INTERPRET=1`"}))
+NATIVE = FAMILY.declare(backends.Implementation(
+    "relpos_attention", "native", dtypes={"cpu": TRITON_DTYPES}, runtime=native_runtime,
+    summary="csrc: C++ on CPU, banded tables", notes={"cpu": "needs a C++ compiler on first use"}))
 REFERENCE = FAMILY.declare(backends.Implementation(
     "relpos_attention", "reference", dtypes={"cuda": FLOAT_DTYPES, "cpu": FLOAT_DTYPES},
     summary="materialises N × N logits"))
@@ -99,6 +105,47 @@ no_double_backward("tlv_fast::relpos_attention_bwd", "relpos_attention")
 _eager = eager_twin(_fwd_impl, _setup_context, _backward)
 
 
+_native_registered = []
+
+
+def _native_ops():
+    """The C++ ops (csrc/relpos.cpp), loaded and given their fake implementations and autograd once."""
+    if _native_registered:
+        return torch.ops.tlv_fast
+    _ext.load("cpu")
+
+    @torch.library.register_fake("tlv_fast::native_relpos_fwd")
+    def _(q, k, v, qr, kr, offset_sign, mask_upper, return_logits):
+        B, H, n_q, _ = q.shape
+        logits_shape = (B, n_q, k.shape[2]) if return_logits else (0,)
+        return (q.new_empty((B, H, n_q, v.shape[3])), q.new_empty((B, H, n_q), dtype=torch.float32),
+                q.new_empty(logits_shape, dtype=torch.float32))
+
+    @torch.library.register_fake("tlv_fast::native_relpos_bwd")
+    def _(dout, dlogits, q, k, v, qr, kr, out, lse, offset_sign, mask_upper):
+        return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), qr.new_empty(qr.shape),
+                kr.new_empty(kr.shape))
+
+    def setup_context(ctx, inputs, output):
+        q, k, v, qr, kr, offset_sign, mask_upper, return_logits = inputs
+        ctx.save_for_backward(q, k, v, qr, kr, output[0], output[1])
+        ctx.args = (offset_sign, mask_upper)
+        ctx.return_logits = return_logits
+
+    def backward(ctx, dout, _dlse, dlogits):
+        q, k, v, qr, kr, out, lse = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(out)
+        g = dlogits if ctx.return_logits else None
+        dq, dk, dv, dqr, dkr = torch.ops.tlv_fast.native_relpos_bwd(dout, g, q, k, v, qr, kr, out, lse, *ctx.args)
+        return dq, dk, dv, dqr, dkr, None, None, None
+
+    torch.library.register_autograd("tlv_fast::native_relpos_fwd", backward, setup_context=setup_context)
+    no_double_backward("tlv_fast::native_relpos_bwd", "relpos_attention (native)")
+    _native_registered.append(True)
+    return torch.ops.tlv_fast
+
+
 def relpos_attention(q, k, v, qr, kr, offset_sign=1, mask_upper=False, return_logits=False, backend="auto", *,
                      fp32_precision="ieee"):
     """Attention with STTR's content-dependent relative-position terms (docs/sttr.md §2.2), fused.
@@ -114,8 +161,9 @@ def relpos_attention(q, k, v, qr, kr, offset_sign=1, mask_upper=False, return_lo
         mask_upper: mask key j > i (STTR's last cross-attention layer).
         return_logits: also return the head-summed pre-softmax logits (B, Nq, Nk) in fp32, -inf where masked —
             the one Nq x Nk output (STTR's optimal-transport input); gradients flowing into it are honoured.
-        backend: "auto" (Triton on CUDA tensors, the reference on CPU; TLV_FAST_BACKEND overrides), "triton"
-            (CUDA, or CPU under TRITON_INTERPRET=1) or "reference".
+        backend: "auto" (Triton on CUDA tensors, the C++ kernel on CPU tensors, the reference for the rest;
+            TLV_FAST_BACKEND overrides), "triton" (CUDA, or CPU under TRITON_INTERPRET=1), "native" (C++, CPU:
+            csrc/relpos.cpp) or "reference".
         fp32_precision: "ieee" or "tf32" dots for float32 inputs, as in tlv_fast.attention.
 
     logits[b, h, i, j] = q_i . k_j + q_i . kr[r_ij] + qr[r_ij] . k_j (+ mask); out = softmax_j(logits) v. The
@@ -153,6 +201,10 @@ def relpos_attention(q, k, v, qr, kr, offset_sign=1, mask_upper=False, return_lo
     chosen = backends.choose("relpos_attention", backend, inputs)
     if chosen == "reference":
         return reference.relpos_attention(q, k, v, qr, kr, offset_sign, mask_upper, return_logits)
+    if chosen == "native":
+        out, _, logits = _native_ops().native_relpos_fwd(q, k, v, qr, kr, int(offset_sign), bool(mask_upper),
+                                                         bool(return_logits))
+        return (out, logits) if return_logits else out
     out, _, logits = call(torch.ops.tlv_fast.relpos_attention_fwd, _fwd_impl, _eager,
                           (q, k, v, qr, kr, int(offset_sign), bool(mask_upper), bool(return_logits), fp32_precision),
                           (q, k, v, qr, kr))
