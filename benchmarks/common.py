@@ -128,9 +128,10 @@ def guarded(row, measure, device):
 
 
 def cpu_peak_mib(op, case, provider, dtype):
-    """Peak memory of one call on a CPU, honestly: a fresh process builds the inputs (op.peak_call), reads its RSS
-    high-water mark (getrusage ru_maxrss), runs the call once and reads it again; the difference in MiB (what the
-    call needed beyond the process and its inputs, allocator caching included)."""
+    """Peak memory of one call on a CPU, honestly: a fresh process builds the inputs (op.peak_call), resets its RSS
+    high-water mark (Linux /proc/self/clear_refs), runs the call once and reads the mark again (VmHWM); the growth
+    over the resident size before the call, in MiB: what the call needed beyond the process and its inputs. (Not
+    getrusage's ru_maxrss: Linux carries it over from the parent process across fork and exec.)"""
     import json
     import subprocess
     spec = json.dumps({"op": op, "case": dataclasses.asdict(case), "provider": provider,
@@ -145,7 +146,6 @@ def cpu_peak_mib(op, case, provider, dtype):
 def _peak_main(spec):
     import importlib
     import json
-    import resource
     s = json.loads(spec)
     module = importlib.import_module(f"benchmarks.{s['op']}")
     case = module.Case(**s["case"])
@@ -156,10 +156,19 @@ def _peak_main(spec):
     except Exception:
         pass
     torch.randn(64, 64) @ torch.randn(64, 64)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # peak RSS := current RSS
+    before = _status_kib("VmRSS")
     step()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print((after - before) / 1024.0)  # KiB -> MiB (Linux)
+    print((_status_kib("VmHWM") - before) / 1024.0)
+
+
+def _status_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def interleaved_rows(make_row, prepare, providers, device, rounds):

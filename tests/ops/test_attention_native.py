@@ -199,3 +199,36 @@ def test_auto_runs_native_on_cpu_and_the_op_rejects_bad_inputs():
         ops.native_attention_fwd(q, q, q, torch.ones(1, 3, 4, 5, dtype=torch.bool), None, 1.0, None, 0.0)
     with pytest.raises(RuntimeError, match="dropout_p > 0 needs"):
         ops.native_attention_fwd(q, q, q, None, None, 1.0, None, 0.5)
+
+
+def test_the_portable_gemm_without_blas_gives_the_same_results():
+    """TLV_FAST_CPU_GEMM=portable runs the loop that a torch build without BLAS would use (attention and relpos)."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import REPO
+    code = """
+import torch, tlv_fast
+from tlv_fast import reference
+torch.manual_seed(0)
+q, k, v = (torch.randn(2, 4, 70, 24, requires_grad=True) for _ in range(3))
+mask = torch.randn(2, 1, 70, 70, requires_grad=True)
+out = tlv_fast.attention(q, k, v, causal=True, attn_mask=mask, backend="native")
+ref = reference.attention(q, k, v, mask, causal="bottom_right")
+g = torch.autograd.grad(out.sum(), (q, k, v, mask))
+gr = torch.autograd.grad(ref.sum(), (q, k, v, mask))
+errs = [(out - ref).abs().max().item()] + [(a - b).abs().max().item() for a, b in zip(g, gr)]
+t = [torch.randn(1, 2, 30, 16, requires_grad=True) for _ in range(3)] + \\
+    [torch.randn(59, 2, 16, requires_grad=True) for _ in range(2)]
+o, lg = tlv_fast.relpos_attention(*t, mask_upper=True, return_logits=True, backend="native")
+ro, rl = reference.relpos_attention(*t, mask_upper=True, return_logits=True)
+errs.append((o - ro).abs().max().item())
+errs += [(a - b).abs().max().item() for a, b in zip(torch.autograd.grad(o.sum(), t), torch.autograd.grad(ro.sum(), t))]
+print("MAXERR", max(errs))
+"""
+    env = {**os.environ, "TLV_FAST_CPU_GEMM": "portable"}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert float(res.stdout.split("MAXERR")[1]) < 1e-4
