@@ -153,7 +153,11 @@ def run(argv):
                 if r["case"] == case.name and r["mode"] == case.mode:
                     line[r["provider"]] = r.get(metric) if r["status"] == "ok" else r["status"][:3]
             table.append(line)
-        unit = "median ms of interleaved rounds (wall clock)" if interleave and metric == "ms" else UNITS[metric]
+        unit = UNITS[metric]
+        if interleave and metric == "ms":
+            unit = "median ms of interleaved rounds (wall clock)"
+        elif device == "cpu" and metric == "peak_MiB":
+            unit = "MiB peak memory of one call: RSS high-water growth in a fresh process (VmHWM after clear_refs)"
         print_table(table, ["case", "mode", *labels], unit)
     if interleave and "tlv_fast" in labels:
         print(ratio_table(rows, cases, [p for p in labels if p != "tlv_fast"]))
