@@ -57,7 +57,10 @@ def tiny(case):
 
 def _build(case, provider, dtype, device):
     cls = {"bert": BERT, "gpt": GPT, "vit": ViT}[case.model]
-    ours = cls.from_preset(case.preset, **({"dropout": 0.0} if case.model != "vit" else {}))
+    kw = {"dropout": 0.0} if case.model != "vit" else {}
+    if case.model == "bert":  # transformers' BertModel: embeddings, encoder and pooler, no pretraining heads
+        kw["pretraining_heads"] = False
+    ours = cls.from_preset(case.preset, **kw)
     if provider == "tlv_fast":
         model = ours
     else:

@@ -181,3 +181,17 @@ def test_bert_auto_unpads_only_on_the_triton_backend_with_enough_padding(monkeyp
 def test_bert_unpad_value_is_checked():
     with pytest.raises(ValueError, match="unpad"):
         BERTConfig(unpad="yes")
+
+
+def test_gpt_logits_to_keep_gives_the_last_positions_and_rejects_labels():
+    torch.manual_seed(0)
+    model = GPT.from_preset("tiny", backend="reference").eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 9))
+    full = model(ids)["logits"]
+    last = model(ids, logits_to_keep=3)["logits"]
+    assert last.shape == (2, 3, full.shape[-1])
+    torch.testing.assert_close(last, full[:, -3:])
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        model(ids, labels=ids, logits_to_keep=1)
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        model(ids, logits_to_keep=-1)

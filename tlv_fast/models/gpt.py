@@ -75,11 +75,13 @@ class GPT(Presets, nn.Module):
         return gpt_hf_config(self.config)
 
     # ---- forward ------------------------------------------------------------------------------------------------
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, labels=None):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, labels=None, logits_to_keep=0):
         """input_ids (B, N); attention_mask (B, past + N), 1 for tokens and 0 for (left) padding; position_ids
         (B, N), default past .. past + N - 1 (generate() counts real tokens only, as transformers does); cache: a
         list of per-layer dicts filled and extended in place (decode steps pass only the new tokens). Returns a dict
-        with logits (B, N, vocab) and, given labels (B, N; -100 ignored), the next-token cross-entropy loss."""
+        with logits (B, N, vocab) -- only the last `logits_to_keep` positions when it is > 0 (what generation needs
+        of a prompt: the head is the largest product) -- and, given labels (B, N; -100 ignored), the next-token
+        cross-entropy loss."""
         check_ids(self, input_ids)
         B, N = input_ids.shape
         past = cache[0]["k"].shape[2] if cache and "k" in cache[0] else 0
@@ -91,6 +93,12 @@ class GPT(Presets, nn.Module):
         keys = attention_mask.bool() if attention_mask is not None else None
         for i, block in enumerate(self.blocks):
             x = block(x, key_padding_mask=keys, cache=cache[i] if cache is not None else None)
+        if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+            raise ValueError(f"GPT: logits_to_keep must be an int >= 0, got {logits_to_keep!r}")
+        if labels is not None and logits_to_keep:
+            raise ValueError("GPT: labels need the logits of every position: pass logits_to_keep=0")
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
         logits = F.linear(self.ln_f(x), self.wte.weight)  # tied head
         out = {"logits": logits}
         if labels is not None:
@@ -128,7 +136,7 @@ class GPT(Presets, nn.Module):
         def positions(mask, n):  # as transformers: left padding does not count
             return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, -n:]
         logits = self(input_ids, attention_mask=mask, position_ids=positions(mask, input_ids.shape[1]),
-                      cache=cache)["logits"][:, -1]
+                      cache=cache, logits_to_keep=1)["logits"][:, -1]
         done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         ids = input_ids
         for step in range(max_new_tokens):
@@ -142,7 +150,7 @@ class GPT(Presets, nn.Module):
                 break
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             logits = self(nxt[:, None], attention_mask=mask, position_ids=positions(mask, 1),
-                          cache=cache)["logits"][:, -1]
+                          cache=cache, logits_to_keep=1)["logits"][:, -1]
         return ids
 
 
