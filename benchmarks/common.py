@@ -4,8 +4,8 @@ Two timers: `bench_ms` (triton.testing.do_bench: the median of back-to-back call
 and `graph_ms` (the call captured once in a CUDA graph and replayed: device time without the host's launches).
 """
 import csv
-import datetime
 import dataclasses
+import datetime
 import os
 import platform
 import statistics
