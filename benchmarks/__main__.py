@@ -89,7 +89,7 @@ def run(argv):
     import torch
 
     from . import attention, common, models, relpos, sinkhorn, sttr
-    from .common import Progress, RowLog, bench_ms, environment, plot, print_table
+    from .common import Progress, RowLog, bench_ms, environment
 
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
     op = {"attention": attention, "sinkhorn": sinkhorn, "relpos": relpos, "models": models, "sttr": sttr}[args.op]
@@ -100,6 +100,11 @@ def run(argv):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     env = environment()
     preset = args.preset or op.default_preset(device)
+    try:
+        cases = op.presets(preset)
+    except ValueError as e:  # an unknown preset: one line, as argparse says it
+        print(f"python -m benchmarks {args.op}: error: {e}", file=sys.stderr)
+        return 2
     cpu_presets = getattr(op, "CPU_PRESETS", ("smoke",))
     if device == "cpu" and preset not in cpu_presets and not (args.force or args.tiny):
         print(f"{args.op} --preset {preset} is sized for a GPU and this machine has no CUDA device: run "
@@ -114,7 +119,6 @@ def run(argv):
               "NUMBERS ARE NOT SPEED; they only show that the runner works.", flush=True)
     providers = args.providers.split(",") if args.providers else (op.PROVIDERS if device == "cuda" else
                                                                   op.CPU_PROVIDERS)
-    cases = op.presets(preset)
     if args.tiny:
         cases = [op.tiny(c) for c in cases]
         common.CPU_REPS = 1
@@ -128,11 +132,25 @@ def run(argv):
     log = RowLog(args.csv, append=True) if args.csv else RowLog(stem + ".csv")
     rows = []
     progress = Progress(len(cases) * len(providers), f"{args.op} {preset}")
+    interrupted = False
+    try:
+        _measure_all(op, cases, providers, interleave, args, dtypes[dtype_name], device, bench_ms, autotune, preset,
+                     env, rows, log, progress)
+    except KeyboardInterrupt:  # Ctrl-C: the table of what was measured (every row is in the CSV already)
+        interrupted = True
+        print(f"\ninterrupted after {len(rows)} measurement(s): the tables below hold what was measured",
+              file=sys.stderr)
+    return _report(args, op, cases, rows, log, stem, env, interleave, device, preset, dtype_name, not_speed,
+                   interrupted)
+
+
+def _measure_all(op, cases, providers, interleave, args, dtype, device, bench_ms, autotune, preset, env, rows, log,
+                 progress):
     for case in cases:
         if interleave:
-            measured = op.run_interleaved(case, providers, dtypes[dtype_name], device, args.rounds)
+            measured = op.run_interleaved(case, providers, dtype, device, args.rounds)
         else:
-            measured = (op.run_case(case, prov, dtypes[dtype_name], device, bench_ms) for prov in providers)
+            measured = (op.run_case(case, prov, dtype, device, bench_ms) for prov in providers)
         for r in measured:
             prov = r["provider"]
             if prov == "tlv_fast" and autotune:  # the autotuned tiles, told apart from the pinned ones
@@ -142,6 +160,9 @@ def run(argv):
             log.add(r)
             progress.step(_line(r, op.METRIC))
 
+
+def _report(args, op, cases, rows, log, stem, env, interleave, device, preset, dtype_name, not_speed, interrupted):
+    from .common import plot, print_table
     metrics = list(dict.fromkeys([op.METRIC, "ms"] + [m for m in ("graph_ms", "peak_MiB")
                                                       if any(m in r for r in rows)]))
     labels = list(dict.fromkeys(r["provider"] for r in rows))
@@ -159,8 +180,9 @@ def run(argv):
         elif device == "cpu" and metric == "peak_MiB":
             unit = "MiB peak memory of one call: RSS high-water growth in a fresh process (VmHWM after clear_refs)"
         print_table(table, ["case", "mode", *labels], unit)
-    if interleave and "tlv_fast" in labels:
-        print(ratio_table(rows, cases, [p for p in labels if p != "tlv_fast"]))
+    if "tlv_fast" in labels and len(labels) > 1:
+        print(ratio_table(rows, cases, [p for p in labels if p != "tlv_fast"],
+                          "medians of interleaved rounds" if interleave else "one run"))
     errors = [r for r in rows if r["status"] != "ok" and not r["status"].startswith("n/a")]
     for r in rows:
         if r["status"] != "ok":
@@ -170,6 +192,11 @@ def run(argv):
         if r.get("graph_note"):
             print(f"  {r['provider']:>17} {r['case']} {r['mode']}: CUDA graph {r['graph_note']}")
     print(f"\nCSV: {log.path}", flush=True)
+    if not any(r["status"] == "ok" for r in rows):
+        print(f"python -m benchmarks {args.op}: nothing could be measured"
+              + (f" ({len(rows)} attempt(s): " + "; ".join(sorted({r['status'] for r in rows})) + ")" if rows else "")
+              + ": no table or plot", file=sys.stderr)
+        return 130 if interrupted else 1
     if not args.no_png:
         unit = UNITS[op.METRIC].split()[0]
         for r in rows:
@@ -181,20 +208,25 @@ def run(argv):
                 print(f"PNG: {png}")
         except Exception as e:  # the plot is never required: the CSV has the numbers
             print(f"no plot: {type(e).__name__}: {e}")
+    if interrupted:
+        return 130
     return 1 if errors else 0
 
 
-def ratio_table(rows, cases, others):
-    """Speed of tlv_fast relative to each other provider, case by case: their ms / tlv_fast's ms (> 1: tlv_fast is
-    faster), from the medians of one interleaved run."""
-    lines = ["\nspeed ratio (other ms / tlv_fast ms; > 1 means tlv_fast is faster), medians of interleaved rounds",
-             f"{'case':<40} {'mode':<8}" + "".join(f"{'vs ' + p:>14}" for p in others)]
+def ratio_table(rows, cases, others, how):
+    """Speed of tlv_fast relative to the other providers, case by case: their ms / tlv_fast's ms (> 1: tlv_fast is
+    faster), against each one and against the best (fastest) of them."""
+    lines = [f"\nspeed ratio (other ms / tlv_fast ms; > 1 means tlv_fast is faster), {how}",
+             f"{'case':<40} {'mode':<8}" + "".join(f"{'vs ' + p:>16}" for p in others) + f"{'vs best other':>16}"]
     for case in cases:
         got = {r["provider"]: r for r in rows if r["case"] == case.name and r["mode"] == case.mode
                and r["status"] == "ok"}
         if "tlv_fast" not in got:
             continue
-        cells = [f"{got[p]['ms'] / got['tlv_fast']['ms']:>13.2f}x" if p in got else f"{'-':>14}" for p in others]
+        ours = got["tlv_fast"]["ms"]
+        cells = [f"{got[p]['ms'] / ours:>15.2f}x" if p in got else f"{'-':>16}" for p in others]
+        best = min((got[p]["ms"], p) for p in others if p in got) if any(p in got for p in others) else None
+        cells.append(f"{best[0] / ours:>6.2f}x ({best[1]})".rjust(16) if best else f"{'-':>16}")
         lines.append(f"{case.name:<40} {case.mode:<8}" + "".join(cells))
     return "\n".join(lines)
 

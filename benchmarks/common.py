@@ -38,8 +38,36 @@ def environment():
     except ImportError:
         info["triton"] = "absent"
     info["device"] = (torch.cuda.get_device_name() if torch.cuda.is_available()
-                      else f"CPU ({platform.machine()}, {os.cpu_count()} cores)")
+                      else f"CPU ({cpu_model()}, {platform.machine()}, {os.cpu_count()} cores, {cpu_isa()})")
     return info
+
+
+def _cpuinfo():
+    try:
+        with open("/proc/cpuinfo") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def cpu_model():
+    """The CPU's model name (/proc/cpuinfo), or the platform's processor string."""
+    for line in _cpuinfo().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def cpu_isa():
+    """The widest vector ISA features that matter to the C++ kernels: AVX-512 (+BF16), AVX2, or neither."""
+    flags = set()
+    for line in _cpuinfo().splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            break
+    if "avx512f" in flags:
+        return "AVX-512" + (" BF16" if "avx512_bf16" in flags else "")
+    return "AVX2" if "avx2" in flags else (platform.machine() or "scalar")
 
 
 def bench_ms(fn, device, grad_to_none=None):
@@ -99,32 +127,54 @@ def graph_fields(fn, device):
 
 
 def _first_line(e, width=100):
+    """The exception's first line, cut at a word boundary within `width` characters ("..." when cut)."""
     text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0][:width] if text else ''}"
+    line = text.splitlines()[0] if text else ""
+    if len(line) > width:
+        line = line[:width].rsplit(" ", 1)[0].rstrip(",;:") + " ..."
+    return f"{type(e).__name__}: {line}"
+
+
+_OOM_MARKERS = ("out of memory", "can't allocate memory", "DefaultCPUAllocator: can't allocate",
+                "std::bad_alloc", "Cannot allocate memory")
 
 
 def guarded(row, measure, device):
-    """row updated with measure()'s fields and status "ok", or why it has no numbers: "oom"; "n/a: ..." when the
-    provider cannot run the case here (Unavailable, or an optional package that is not installed); "error: ..."
-    for any other exception (its traceback goes to stderr: a bug in the provider or in the benchmark code)."""
+    """row updated with measure()'s fields and status "ok", or why it has no numbers: "oom" (a CUDA or CPU
+    allocation failure); "n/a: ..." when the provider cannot run the case here (Unavailable, or an optional package
+    that is not installed); "error: ..." for any other exception (its traceback goes to stderr: a bug in the
+    provider or in the benchmark code). The status is a short, readable form; `reason` keeps the whole message."""
     try:
         row.update(measure())
         row["status"] = "ok"
-    except torch.cuda.OutOfMemoryError:
-        row["status"] = "oom"
+    except torch.cuda.OutOfMemoryError as e:
+        row["status"], row["reason"] = "oom", _whole(e)
     except Unavailable as e:
-        row["status"] = f"n/a: {e}"
+        row["status"], row["reason"] = f"n/a: {e}", str(e)
     except ImportError as e:
-        row["status"] = f"n/a: {_first_line(e, 80)}"
+        row["status"], row["reason"] = f"n/a: {_first_line(e, 80)}", _whole(e)
+    except (RuntimeError, MemoryError) as e:
+        if isinstance(e, MemoryError) or any(m in str(e) for m in _OOM_MARKERS):
+            row["status"], row["reason"] = "oom", _whole(e)
+        else:
+            _error(row, e)
     except Exception as e:
-        row["status"] = f"error: {_first_line(e)}"
-        print(f"error in {row.get('case')} {row.get('mode')} {row.get('provider')}:", file=sys.stderr)
-        traceback.print_exc()
-        sys.stderr.flush()
+        _error(row, e)
     finally:
         if device == "cuda":
             torch.cuda.empty_cache()
     return row
+
+
+def _whole(e):
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"
+
+
+def _error(row, e):
+    row["status"], row["reason"] = f"error: {_first_line(e)}", _whole(e)
+    print(f"error in {row.get('case')} {row.get('mode')} {row.get('provider')}:", file=sys.stderr)
+    traceback.print_exc()
+    sys.stderr.flush()
 
 
 def cpu_peak_mib(op, case, provider, dtype):

@@ -62,3 +62,56 @@ def test_interleaved_rows_time_every_provider_in_turns():
     rows = interleaved_rows(lambda p: {"provider": p}, prepare, ["a", "missing", "b"], "cpu", rounds=3)
     assert calls == ["a", "b"] + ["a", "b"] * 3  # one warm-up each, then rounds in turn
     assert [r["status"] for r in rows] == ["ok", "n/a: not here", "ok"] and rows[0]["ms"] >= 0
+
+
+def _main(argv, capsys):
+    from benchmarks.__main__ import main
+    status = main(argv)
+    out = capsys.readouterr()
+    return status, out.out, out.err
+
+
+def test_unknown_preset_is_one_line_and_exit_2(capsys):
+    status, out, err = _main(["attention", "--preset", "foo", "--no-png"], capsys)
+    assert status == 2 and "unknown preset 'foo'" in err and "Traceback" not in err + out
+
+
+def test_a_run_that_measures_nothing_says_so_and_keeps_whole_reasons(tmp_path, capsys, monkeypatch):
+    from benchmarks import relpos
+
+    def fails(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+                           "memory: you tried to allocate 1234567890123 bytes. Error code 12 (Cannot allocate memory)")
+    monkeypatch.setattr(relpos, "make_step", fails)
+    status, out, err = _main(["relpos", "--preset", "smoke", "--out", str(tmp_path), "--no-png"], capsys)
+    assert status == 1 and "nothing could be measured" in err and "oom" in err and "Traceback" not in err
+    with open(tmp_path / "relpos-smoke-fp16-cpu.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and all(r["status"] == "oom" for r in rows)
+    assert all(r["reason"].endswith("(Cannot allocate memory)") for r in rows)  # the whole message, not cut
+
+
+def test_an_interrupted_run_prints_what_it_measured(tmp_path, capsys, monkeypatch):
+    from benchmarks import relpos
+    calls = []
+
+    def run_case(case, provider, dtype, device, bench_ms):
+        calls.append(provider)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        row = relpos._row(case, provider, dtype)
+        row.update(status="ok", ms=10.0 if provider == "tlv_fast" else 25.0)
+        return row
+    monkeypatch.setattr(relpos, "run_case", run_case)
+    status, out, err = _main(["relpos", "--preset", "smoke", "--out", str(tmp_path), "--no-png"], capsys)
+    assert status == 130 and "interrupted after 2 measurement(s)" in err
+    assert "2.50x" in out  # the ratio table of the rows measured before the interrupt
+    with open(tmp_path / "relpos-smoke-fp16-cpu.csv") as f:
+        assert len(list(csv.DictReader(f))) == 2
+
+
+def test_the_environment_line_names_the_cpu_model_and_isa():
+    from benchmarks.common import environment
+    device = environment()["device"]
+    assert HAS_CUDA or (device.startswith("CPU (") and any(isa in device for isa in ("AVX-512", "AVX2", "x86_64",
+                                                                                    "aarch64", "arm64")))
