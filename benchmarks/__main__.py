@@ -198,12 +198,12 @@ def _report(args, op, cases, rows, log, stem, env, interleave, device, preset, d
               + ": no table or plot", file=sys.stderr)
         return 130 if interrupted else 1
     if not args.no_png:
-        unit = UNITS[op.METRIC].split()[0]
-        for r in rows:
-            r[unit] = r.get(op.METRIC)
+        ylabel = {"tflops": "TFLOP/s", "ms": "ms (median" + (" of interleaved rounds)" if interleave else ")")}.get(
+            op.METRIC, UNITS[op.METRIC])
         try:
-            png = plot([r for r in rows if r["status"] == "ok"], stem + ".png", "size", unit, "provider", "panel",
-                       f"{args.op} {preset} {dtype_name}, {env['device']}" + (" (not speed)" if not_speed else ""))
+            png = plot(rows, stem + ".png", "size", op.METRIC, "provider", "panel",
+                       f"{args.op} {preset} {dtype_name}, {env['device']}, torch {env['torch']}, triton "
+                       f"{env['triton']}" + (" (not speed)" if not_speed else ""), ylabel=ylabel)
             if png:
                 print(f"PNG: {png}")
         except Exception as e:  # the plot is never required: the CSV has the numbers

@@ -309,8 +309,10 @@ class RowLog:
         write_csv(self.rows, self.path)
 
 
-def plot(rows, path, x, y, series, panel, title):
-    """One panel per distinct `panel` value, `y` against `x`, a line per `series` value. None if no matplotlib."""
+def plot(rows, path, x, y, series, panel, title, ylabel=None):
+    """One panel per distinct `panel` value, `y` against `x`, a line (or, at one size, a bar) per `series` value;
+    rows whose status is not "ok" are marked where their value would be: a hatched empty bar, or an "x" on the
+    axis, labelled with the short status (oom, n/a, err). None if there is no matplotlib or nothing to draw."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -319,24 +321,41 @@ def plot(rows, path, x, y, series, panel, title):
         print("matplotlib is not installed: no plot written (pip install matplotlib)")
         return None
     panels = list(dict.fromkeys(r[panel] for r in rows))
+    if not panels:
+        return None
     cols = min(4, len(panels))
     nrows = (len(panels) + cols - 1) // cols
     fig, axes = plt.subplots(nrows, cols, figsize=(4.5 * cols, 3.5 * nrows), squeeze=False)
     for ax, name in zip(axes.flat, panels):
-        sub = [r for r in rows if r[panel] == name and r.get(y) is not None]
+        sub = [r for r in rows if r[panel] == name]
+        ok = [r for r in sub if r.get("status") == "ok" and r.get(y) is not None]
+        failed = [r for r in sub if r.get("status") != "ok"]
         names = list(dict.fromkeys(r[series] for r in sub))
         if len({r[x] for r in sub}) == 1:  # one size: bars, one per series
-            ax.bar(names, [next(r[y] for r in sub if r[series] == s) for s in names])
+            heights = [next((r[y] for r in ok if r[series] == s), 0.0) for s in names]
+            bars = ax.bar(names, heights)
+            top = max(heights) if any(heights) else 1.0
+            for bar, s in zip(bars, names):
+                bad = next((r for r in failed if r[series] == s), None)
+                if bad is not None and not any(r[series] == s for r in ok):
+                    bar.set_hatch("//")
+                    bar.set_fill(False)
+                    ax.text(bar.get_x() + bar.get_width() / 2, 0.02 * top, bad["status"][:3], ha="center",
+                            va="bottom", fontsize=8, rotation=90)
             ax.tick_params(axis="x", labelrotation=45, labelsize=7)
         else:
             for s in names:
-                pts = sorted((r[x], r[y]) for r in sub if r[series] == s)
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=s)
+                pts = sorted((r[x], r[y]) for r in ok if r[series] == s)
+                line = ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=s)[0] if pts else None
+                for r in (r for r in failed if r[series] == s):
+                    ax.plot([r[x]], [0], marker="x", color=line.get_color() if line else "red",
+                            label=None if line else f"{s} ({r['status'][:3]})")
+                    ax.annotate(r["status"][:3], (r[x], 0), fontsize=7, xytext=(2, 4), textcoords="offset points")
             ax.set_xscale("log", base=2)
             ax.set_xlabel(x)
             ax.legend(fontsize=7)
         ax.set_title(name, fontsize=9)
-        ax.set_ylabel(y)
+        ax.set_ylabel(ylabel or y)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.suptitle(title, fontsize=10)

@@ -115,3 +115,16 @@ def test_the_environment_line_names_the_cpu_model_and_isa():
     device = environment()["device"]
     assert HAS_CUDA or (device.startswith("CPU (") and any(isa in device for isa in ("AVX-512", "AVX2", "x86_64",
                                                                                     "aarch64", "arm64")))
+
+
+def test_the_plot_marks_failed_providers_and_labels_its_unit(tmp_path):
+    pytest.importorskip("matplotlib")
+    from benchmarks.common import plot
+    rows = [{"provider": "tlv_fast", "status": "ok", "ms": 3.0, "size": 64, "panel": "fwd"},
+            {"provider": "eager", "status": "oom", "size": 64, "panel": "fwd"},
+            {"provider": "tlv_fast", "status": "ok", "ms": 2.0, "size": 128, "panel": "bwd"},
+            {"provider": "tlv_fast", "status": "ok", "ms": 4.0, "size": 256, "panel": "bwd"},
+            {"provider": "eager", "status": "n/a: no", "size": 256, "panel": "bwd"}]
+    path = plot(rows, str(tmp_path / "p.png"), "size", "ms", "provider", "panel", "t", ylabel="ms (median)")
+    assert path and os.path.getsize(path) > 1000
+    assert plot([], str(tmp_path / "q.png"), "size", "ms", "provider", "panel", "t") is None
