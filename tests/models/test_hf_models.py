@@ -253,3 +253,22 @@ def test_compile_without_graph_breaks(name):
     inputs = tuple(t.to(DEVICE) for t in inputs)
     explanation = torch._dynamo.explain(model)(*inputs)
     assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def test_from_hf_with_a_hub_name_says_how_to_load_it(tmp_path):
+    from tlv_fast.models import BERT, GPT, ViT
+    for cls in (GPT, BERT, ViT):
+        with pytest.raises(ValueError, match="neither a transformers model nor a local checkpoint directory"):
+            cls.from_hf("gpt2")
+        with pytest.raises(ValueError, match="AutoModel.from_pretrained"):
+            cls.from_hf(tmp_path)  # a directory without config.json
+
+
+def test_tiny_presets_give_transformers_configs_with_token_ids_inside_the_vocabulary():
+    """transformers warns about special-token ids outside the vocabulary (GPT-2's 50256 in a 256-token preset)."""
+    pytest.importorskip("transformers")
+    from tlv_fast.models import GPT
+    small = GPT.from_preset("tiny").hf_config()
+    assert small.bos_token_id == small.eos_token_id == small.vocab_size - 1
+    full = GPT.from_preset("gpt2-117m").hf_config()
+    assert full.bos_token_id == full.eos_token_id == 50256

@@ -24,7 +24,14 @@ def gpt_hf_config(cfg):
     return GPT2Config(vocab_size=cfg.vocab_size, n_positions=cfg.max_positions, n_embd=cfg.dim,
                       n_layer=cfg.num_layers, n_head=cfg.num_heads, n_inner=cfg.mlp_hidden, resid_pdrop=cfg.dropout,
                       embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout, layer_norm_epsilon=cfg.eps,
-                      activation_function="gelu_new")
+                      activation_function="gelu_new", **_special_tokens(cfg.vocab_size))
+
+
+def _special_tokens(vocab_size):
+    """GPT-2's end-of-text id (50256) where the vocabulary holds it, else the last id (small test vocabularies:
+    transformers warns about ids outside the vocabulary)."""
+    last = 50256 if vocab_size > 50256 else vocab_size - 1
+    return {"bos_token_id": last, "eos_token_id": last}
 
 
 class KeyMap:
@@ -293,6 +300,13 @@ def hf_source(model_or_path):
     if not (isinstance(model_or_path, (str, bytes)) or hasattr(model_or_path, "__fspath__")):
         return model_or_path.config, model_or_path.state_dict()
     path = os.fspath(model_or_path)
+    if isinstance(path, bytes):
+        path = os.fsdecode(path)
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ValueError(f"{path!r} is neither a transformers model nor a local checkpoint directory (no "
+                         f"config.json there). To start from a model on the Hugging Face hub, load it with transformers "
+                         f"first and pass the model: model = transformers.AutoModel.from_pretrained({path!r}); then "
+                         "GPT.from_hf(model) (BERT.from_hf, ViT.from_hf alike)")
     with open(os.path.join(path, "config.json")) as f:
         cfg = json.load(f)
     try:
