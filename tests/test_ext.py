@@ -15,6 +15,8 @@ import torch
 
 from helpers import REPO
 
+pytestmark = pytest.mark.builds
+
 CSRC = os.path.join(REPO, "csrc")
 
 

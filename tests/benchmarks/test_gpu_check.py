@@ -17,6 +17,8 @@ from benchmarks.common import RowLog, Unavailable, graph_fields, guarded, read_c
 
 from helpers import REPO
 
+pytestmark = pytest.mark.builds
+
 SCRIPT = os.path.join(REPO, "benchmarks", "gpu_check.sh")
 LIMIT_S = 500  # the call is killed at ~540 s; what the stages may use, kill grace included
 BENCH_STAGES = ["headline", "shapes", "relpos", "models", "sinkhorn", "sttr", "compiled", "autotune"]

@@ -10,6 +10,7 @@ import pytest
 from helpers import HAS_CUDA, REPO
 
 
+@pytest.mark.builds
 @pytest.mark.skipif(HAS_CUDA, reason="the GPU runner is exercised by benchmarks/gpu_check.sh")
 @pytest.mark.parametrize("op,stem,providers,unit", [
     ("attention", "attention-smoke-bf16-cpu", {"eager", "tlv_fast", "sdpa"}, "TFLOP/s"),

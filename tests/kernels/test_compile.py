@@ -12,7 +12,7 @@ import pytest
 
 from helpers import HAS_CUDA, REPO
 
-pytestmark = pytest.mark.skipif(HAS_CUDA, reason="a GPU run compiles the kernels for real")
+pytestmark = [pytest.mark.skipif(HAS_CUDA, reason="a GPU run compiles the kernels for real"), pytest.mark.builds]
 
 
 def _rows(call):

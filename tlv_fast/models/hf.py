@@ -304,9 +304,9 @@ def hf_source(model_or_path):
         path = os.fsdecode(path)
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise ValueError(f"{path!r} is neither a transformers model nor a local checkpoint directory (no "
-                         f"config.json there). To start from a model on the Hugging Face hub, load it with transformers "
-                         f"first and pass the model: model = transformers.AutoModel.from_pretrained({path!r}); then "
-                         "GPT.from_hf(model) (BERT.from_hf, ViT.from_hf alike)")
+                         "config.json there). To start from a model on the Hugging Face hub, load it with "
+                         f"transformers first and pass the model: model = transformers.AutoModel.from_pretrained("
+                         f"{path!r}); then GPT.from_hf(model) (BERT.from_hf, ViT.from_hf alike)")
     with open(os.path.join(path, "config.json")) as f:
         cfg = json.load(f)
     try:
