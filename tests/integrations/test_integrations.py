@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import warnings
 
 import pytest
 import torch
@@ -105,6 +106,28 @@ def test_patch_transformer_encoder(monkeypatch, training):
         keep = ~pad if "src_key_padding_mask" in kw else torch.ones_like(pad)
         assert_close(got[keep], want[keep], name="patched encoder")
     assert len(calls) >= 6  # the swapped attention ran (eval mode included: torch's fast path stays off)
+
+
+@pytest.mark.parametrize("mode", ["eval-no-grad", "eval-grad", "training"])
+def test_patched_encoder_zeroes_padding_exactly_where_torch_does(mode):
+    """torch's encoder returns 0 at padded positions on its nested-tensor path (eval, no autograd); the patched one
+    matches it there and, like torch's regular path, computes them elsewhere."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, dropout=0.0, batch_first=True)
+    ref = nn.TransformerEncoder(layer, num_layers=2).train(mode == "training")
+    ours = tlv_fast.patch(nn.TransformerEncoder(layer, num_layers=2).train(mode == "training"))
+    tlv_fast.patch(ours)  # twice: one hook
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 10, 32)
+    pad = torch.zeros(3, 10, dtype=torch.bool)
+    pad[1, 6:] = True
+    with torch.set_grad_enabled(mode != "eval-no-grad"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch's note that nested tensors are a prototype
+        want, got = ref(x, src_key_padding_mask=pad), ours(x, src_key_padding_mask=pad)
+    assert_close(got[~pad], want[~pad], name="real positions")
+    torch_zeroes = bool((want[pad] == 0).all())
+    assert torch_zeroes == (mode == "eval-no-grad")
+    assert bool((got[pad] == 0).all()) == torch_zeroes
 
 
 def test_patch_keeps_parameters_sharing_freezing_hooks_and_optimizers():

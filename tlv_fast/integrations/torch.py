@@ -1,6 +1,7 @@
 """Drop tlv_fast into existing PyTorch code: module swapping and an F.scaled_dot_product_attention override."""
 import contextlib
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -23,12 +24,17 @@ def patch(model, backend="auto"):
     `requires_grad`, device, dtype, hooks and any optimizer built before `patch` are unchanged), only the class
     changes (tlv_fast's is a subclass adding `backend`). nn.TransformerEncoder's nested-tensor fast path is turned off
     (use_nested_tensor = False): tlv_fast reads the key-padding mask in the kernel instead, and the swapped attention
-    must not be bypassed. Padded positions of a key-padding mask then hold values computed like any other position
-    (torch's nested-tensor path writes 0 there); they are outputs of padding, which callers ignore.
+    must not be bypassed. Where torch would have taken that path (an encoder built with it enabled, called in eval
+    mode without autograd, with a src_key_padding_mask and no attention mask), the padded positions of the output
+    are set to 0 as torch's nested tensors give them; elsewhere (training, autograd) they hold values computed like
+    any other position, as on torch's own regular path.
     """
     backend = backends.validate(backend, ops=("attention",), where="tlv_fast.patch: backend")
     for module in ([model] if type(model) is nn.MultiheadAttention else list(model.modules())):
         if isinstance(module, nn.TransformerEncoder):
+            if getattr(module, "use_nested_tensor", False) and not getattr(module, "_tlv_fast_zeroes_padding", False):
+                module.register_forward_hook(_zero_padding_as_nested, with_kwargs=True)
+                module._tlv_fast_zeroes_padding = True
             module.use_nested_tensor = False
         if type(module) is nn.MultiheadAttention:
             module.__class__ = MultiheadAttention
@@ -37,6 +43,21 @@ def patch(model, backend="auto"):
         elif type(module) is MultiheadAttention:
             module.backend = backend  # patched before: only the backend changes
     return model
+
+
+def _zero_padding_as_nested(module, args, kwargs, output):
+    """Forward hook of a patched nn.TransformerEncoder that torch would have run on nested tensors: 0 at the padded
+    positions, as torch's nested path returns them (the conditions are torch's own runtime checks)."""
+    src = args[0] if args else kwargs.get("src")
+    attn_mask = args[1] if len(args) > 1 else kwargs.get("mask")
+    padding = args[2] if len(args) > 2 else kwargs.get("src_key_padding_mask")
+    if padding is None or attn_mask is not None or module.training or src.dim() != 3 \
+            or torch.is_autocast_enabled(src.device.type):
+        return output
+    if torch.is_grad_enabled() and (src.requires_grad or any(p.requires_grad for p in module.parameters())):
+        return output
+    padded = padding if padding.dtype == torch.bool else padding != 0  # torch takes logical_not of the mask
+    return output.masked_fill(padded[..., None], 0.0)
 
 
 @contextlib.contextmanager
