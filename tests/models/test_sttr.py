@@ -334,13 +334,36 @@ def test_demo_writes_png_and_metrics(tmp_path):
     from tlv_fast.demo import main
     png, js = tmp_path / "demo.png", tmp_path / "demo.json"
     report = main(["stereo", "--seconds", "1", "--preset", "tiny", "--device", "cpu", "--out", str(png),
-                   "--json", str(js)])
+                   "--json", str(js), "--plain"])
     assert report["steps"] >= 1 and set(report["after"]) >= {"epe", "px_error_rate", "iou"}
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-    assert (height, width) == (128, 4 * 192 + 3 * 4)
+    assert (height, width) == (128, 4 * 192 + 3 * 4)  # --plain: the bare panels
     assert js.stat().st_size > 0
+
+
+def test_demo_figure_has_titles_colour_bars_and_metrics(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.figure
+
+    from tlv_fast import demo
+    seen = {}
+    original = matplotlib.figure.Figure.savefig
+
+    def savefig(fig, *args, **kwargs):  # inspect the figure the demo draws, then save it as usual
+        seen["titles"] = [ax.get_title() for ax in fig.axes]
+        seen["labels"] = [ax.get_xlabel() for ax in fig.axes]
+        seen["suptitle"] = fig._suptitle.get_text()
+        return original(fig, *args, **kwargs)
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig)
+    png = tmp_path / "demo.png"
+    demo.main(["stereo", "--seconds", "1", "--preset", "tiny", "--device", "cpu", "--out", str(png)])
+    assert {"left image", "ground-truth disparity", "predicted disparity", "predicted occlusion"} <= set(
+        seen["titles"])
+    assert seen["labels"].count("pixels") == 2 and "probability" in seen["labels"]  # the colour bars
+    assert "EPE" in seen["suptitle"] and "before training" in seen["suptitle"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_from_checkpoint_with_pickled_objects_needs_consent(tmp_path):
