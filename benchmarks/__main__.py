@@ -122,6 +122,9 @@ def run(argv):
     if args.tiny:
         cases = [op.tiny(c) for c in cases]
         common.CPU_REPS = 1
+    refused = _memory_check(op, cases, providers, dtypes[dtype_name], device, args)
+    if refused:
+        return refused
     autotune = os.environ.get("TLV_FAST_AUTOTUNE") == "1"
     print(f"{args.op} / {preset} / {dtype_name} on {env['device']} (torch {env['torch']}, triton {env['triton']}, "
           f"{env['date']}){' TLV_FAST_AUTOTUNE=1' if autotune else ''}", flush=True)
@@ -211,6 +214,31 @@ def _report(args, op, cases, rows, log, stem, env, interleave, device, preset, d
     if interrupted:
         return 130
     return 1 if errors else 0
+
+
+def _memory_check(op, cases, providers, dtype, device, args):
+    """Before a run: the largest case's estimated peak per provider against the memory available now. A preset
+    whose tlv_fast rows cannot fit is refused (exit 2, --force runs it anyway); other providers that cannot fit are
+    named (their rows will say oom)."""
+    from .common import available_bytes, gib
+    if not hasattr(op, "memory_needed") or args.tiny:
+        return 0
+    free = available_bytes(device)
+    if free is None:
+        return 0
+    need = {p: max(op.memory_needed(c, p, dtype) for c in cases) for p in providers}
+    print(f"memory: the largest case needs about {', '.join(f'{p} {gib(n)}' for p, n in need.items())}; "
+          f"{gib(free)} available on the {device.upper()}", flush=True)
+    over = [p for p, n in need.items() if n > 0.9 * free]
+    if "tlv_fast" in over and not args.force:
+        print(f"python -m benchmarks {args.op}: error: preset {args.preset or op.default_preset(device)!r} needs "
+              f"about {gib(need['tlv_fast'])} for tlv_fast alone and {gib(free)} is available: pick a smaller "
+              "preset (or --force)", file=sys.stderr)
+        return 2
+    if over:
+        print(f"memory: {', '.join(over)} will probably run out of memory on the largest cases (rows marked oom)",
+              flush=True)
+    return 0
 
 
 def ratio_table(rows, cases, others, how):

@@ -62,6 +62,24 @@ class Case:
         return elt * (2 * self.B * self.H * self.Nq * self.D + 2 * self.B * hkv * self.Nk * self.D)
 
 
+def memory_needed(case, provider, dtype):
+    """A rough peak in bytes of one provider on one case, for the runner's check before a run: the inputs, output
+    and (fwd+bwd) their gradients, plus what the provider materialises -- eager and the math paths an Nq x Nk
+    score matrix in fp32 and its softmax (twice that kept for a backward), the fused kernels nothing Nq x Nk (a
+    float mask's gradient aside)."""
+    elt = torch.finfo(dtype).bits // 8
+    hkv = case.Hkv or case.H
+    io = elt * (2 * case.B * case.H * case.Nq * case.D + 2 * case.B * hkv * case.Nk * case.D)
+    scores = 4 * case.B * case.H * case.Nq * case.Nk
+    grad = case.mode == "fwd+bwd"
+    total = io * (2 if grad else 1)
+    if provider == "eager":
+        total += scores * (4 if grad else 2)
+    elif case.mask == "bias-grad" and grad:
+        total += 2 * scores
+    return total
+
+
 def lengths_of(case):
     """The sequence lengths of a keypad case (Nk/2 .. Nk) or a varlen case (Nk/4 .. Nk: 128 .. 512 for BERT's 512),
     drawn from a fixed seed on the CPU, so every provider and every run sees the same batch."""

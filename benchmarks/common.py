@@ -252,10 +252,31 @@ class Progress:
         self.total, self.done, self.label, self.t0 = total, 0, label, time.time()
 
     def step(self, what):
-        """One line per finished measurement (a log cut short by a timeout keeps every result so far)."""
+        """One line per finished measurement (a log cut short by a timeout keeps every result so far), with the
+        time left estimated from the measurements so far (mean time per row x rows left)."""
         self.done += 1
-        print(f"[{self.label} {self.done}/{self.total} {time.time() - self.t0:5.0f}s] {what}", file=sys.stderr,
-              flush=True)
+        elapsed = time.time() - self.t0
+        left = self.total - self.done
+        eta = f", ~{elapsed / self.done * left:.0f}s left" if left else ""
+        print(f"[{self.label} {self.done}/{self.total} {elapsed:5.0f}s{eta}] {what}", file=sys.stderr, flush=True)
+
+
+def available_bytes(device):
+    """Memory a run may use now: free CUDA memory, or the kernel's MemAvailable on a CPU (None if unknown)."""
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def gib(n):
+    return f"{n / 2**30:.1f} GiB"
 
 
 def print_table(rows, columns, title):

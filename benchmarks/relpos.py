@@ -49,6 +49,18 @@ def presets(name):
     raise ValueError(f"unknown preset {name!r}: sttr, cpu, smoke")
 
 
+def memory_needed(case, provider, dtype):
+    """A rough peak in bytes (see benchmarks.attention.memory_needed): eager forms the (B, H, W, 2W - 1) positional
+    logits twice and the W x W logits and softmax; tlv_fast only the outputs (and the head-summed logits)."""
+    elt = torch.finfo(dtype).bits // 8
+    io = elt * 4 * case.B * case.H * case.W * case.d
+    grad = case.mode == "fwd+bwd"
+    total = io * (2 if grad else 1) + (4 * case.B * case.W * case.W if case.logits else 0)
+    if provider == "eager":
+        total += 4 * case.B * case.H * case.W * (2 * (2 * case.W - 1) + 2 * case.W) * (2 if grad else 1)
+    return total
+
+
 def tiny(case):
     """The same case at a size for Triton's interpreter: 2 sequences, 2 heads, W <= 32."""
     return dataclasses.replace(case, name=f"{case.name} (tiny)", B=min(case.B, 2), H=min(case.H, 2),

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from helpers import HAS_CUDA, REPO
 
@@ -129,3 +130,25 @@ def test_the_plot_marks_failed_providers_and_labels_its_unit(tmp_path):
     path = plot(rows, str(tmp_path / "p.png"), "size", "ms", "provider", "panel", "t", ylabel="ms (median)")
     assert path and os.path.getsize(path) > 1000
     assert plot([], str(tmp_path / "q.png"), "size", "ms", "provider", "panel", "t") is None
+
+
+def test_a_preset_that_cannot_fit_is_refused_before_it_runs(capsys, monkeypatch):
+    from benchmarks import common
+    monkeypatch.setattr(common, "available_bytes", lambda device: 1024)  # 1 KiB free
+    status, out, err = _main(["attention", "--preset", "smoke", "--no-png"], capsys)
+    assert status == 2 and "needs about" in err and "smaller preset" in err
+    monkeypatch.setattr(common, "available_bytes", lambda device: 64 * 2**30)
+    from benchmarks import attention
+    case = attention.presets("cpu")[0]
+    assert attention.memory_needed(case, "eager", torch.float32) > attention.memory_needed(case, "tlv_fast",
+                                                                                           torch.float32)
+
+
+def test_progress_estimates_the_time_left(capsys):
+    from benchmarks.common import Progress
+    p = Progress(3, "x")
+    p.step("a")
+    assert "left]" in capsys.readouterr().err
+    p.step("b")
+    p.step("c")
+    assert "left" not in capsys.readouterr().err.splitlines()[-1]
