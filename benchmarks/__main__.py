@@ -122,6 +122,7 @@ def run(argv):
     if args.tiny:
         cases = [op.tiny(c) for c in cases]
         common.CPU_REPS = 1
+        common.TINY = True
     refused = _memory_check(op, cases, providers, dtypes[dtype_name], device, args)
     if refused:
         return refused
@@ -199,7 +200,10 @@ def _report(args, op, cases, rows, log, stem, env, interleave, device, preset, d
         print(f"python -m benchmarks {args.op}: nothing could be measured"
               + (f" ({len(rows)} attempt(s): " + "; ".join(sorted({r['status'] for r in rows})) + ")" if rows else "")
               + ": no table or plot", file=sys.stderr)
-        return 130 if interrupted else 1
+        if interrupted:
+            return 130
+        # 3: every provider is unavailable on this machine (n/a), nothing failed; 1: something failed
+        return 3 if rows and all(r["status"].startswith("n/a") for r in rows) else 1
     if not args.no_png:
         ylabel = {"tflops": "TFLOP/s", "ms": "ms (median" + (" of interleaved rounds)" if interleave else ")")}.get(
             op.METRIC, UNITS[op.METRIC])

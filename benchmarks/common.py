@@ -177,11 +177,16 @@ def _error(row, e):
     sys.stderr.flush()
 
 
+TINY = False  # the runner's --tiny: shapes for the interpreter, not speed (no peak-memory processes either)
+
+
 def cpu_peak_mib(op, case, provider, dtype):
     """Peak memory of one call on a CPU, honestly: a fresh process builds the inputs (op.peak_call), resets its RSS
     high-water mark (Linux /proc/self/clear_refs), runs the call once and reads the mark again (VmHWM); the growth
     over the resident size before the call, in MiB: what the call needed beyond the process and its inputs. (Not
     getrusage's ru_maxrss: Linux carries it over from the parent process across fork and exec.)"""
+    if TINY:
+        return None
     import json
     import subprocess
     spec = json.dumps({"op": op, "case": dataclasses.asdict(case), "provider": provider,

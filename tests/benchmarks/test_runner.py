@@ -152,3 +152,9 @@ def test_progress_estimates_the_time_left(capsys):
     p.step("b")
     p.step("c")
     assert "left" not in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_a_run_where_no_provider_is_available_exits_3(tmp_path, capsys):
+    status, out, err = _main(["relpos", "--preset", "smoke", "--providers", "flex-table", "--out", str(tmp_path),
+                              "--no-png"], capsys)
+    assert (status == 3 and "nothing could be measured" in err) or HAS_CUDA
