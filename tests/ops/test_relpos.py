@@ -134,12 +134,7 @@ def test_native_opcheck_and_compile():
     q, k, v, qr, kr = _inputs(2, 2, 9, 7, 16, torch.float32, device="cpu")
     torch.library.opcheck(ops.native_relpos_fwd.default, (q, k, v, qr, kr, -1, True, True))
     torch.library.opcheck(ops.native_relpos_fwd.default, (q, k, v, qr, kr, 1, False, False))
-    torch._dynamo.reset()
-    f = torch.compile(lambda *a: tlv_fast.relpos_attention(*a, mask_upper=True, return_logits=True, backend="native"),
-                      fullgraph=True, backend="aot_eager")
-    out, logits = f(q, k, v, qr, kr)
-    ref_out, _ = reference.relpos_attention(q, k, v, qr, kr, mask_upper=True, return_logits=True)
-    assert_close(out, ref_out, name="out")
+    _compiles_without_graph_break([q, k, v, qr, kr], "native")
     with pytest.raises(RuntimeError, match="qr and kr must be"):
         ops.native_relpos_fwd(q, k, v, qr[:-1], kr, 1, False, False)
 
@@ -147,11 +142,15 @@ def test_native_opcheck_and_compile():
 def test_opcheck_and_compile():
     q, k, v, qr, kr = _inputs(1, 2, 9, 7, 16, torch.float32)
     torch.library.opcheck(torch.ops.tlv_fast.relpos_attention_fwd.default, (q, k, v, qr, kr, -1, True, True, "ieee"))
+    _compiles_without_graph_break([q, k, v, qr, kr], "triton")
+
+
+def _compiles_without_graph_break(inputs, backend):
     torch._dynamo.reset()
-    f = torch.compile(lambda *a: tlv_fast.relpos_attention(*a, mask_upper=True, return_logits=True, backend="triton"),
+    f = torch.compile(lambda *a: tlv_fast.relpos_attention(*a, mask_upper=True, return_logits=True, backend=backend),
                       fullgraph=True, backend="aot_eager")
-    out, logits = f(q, k, v, qr, kr)
-    ref_out, ref_logits = reference.relpos_attention(q, k, v, qr, kr, mask_upper=True, return_logits=True)
+    out, _ = f(*inputs)
+    ref_out, _ = reference.relpos_attention(*inputs, mask_upper=True, return_logits=True)
     assert_close(out, ref_out, name="out")
 
 

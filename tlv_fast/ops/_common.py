@@ -49,6 +49,22 @@ def native_runtime(device):
     return []
 
 
+def cpu_native_ops(register):
+    """Decorator for an op module's accessor of its C++ CPU ops: the accessor loads the CPU extension and runs
+    `register` (their fake implementations and autograd) once, then returns torch.ops.tlv_fast."""
+    done = []
+
+    def ops():
+        if not done:
+            from .. import _ext
+            _ext.load("cpu")
+            register()
+            done.append(True)
+        return torch.ops.tlv_fast
+    ops.__doc__ = register.__doc__
+    return ops
+
+
 def check_tensor(op, name, t, min_ndim, shape_doc):
     """A floating-point tensor with at least `min_ndim` dims, else TypeError / ValueError naming `name`."""
     if not isinstance(t, torch.Tensor):

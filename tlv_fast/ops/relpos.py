@@ -6,12 +6,13 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _ext, backends, reference, testing
+from .. import backends, reference, testing
 from ._common import (
     FLOAT_DTYPES,
     TRITON_DTYPES,
     call,
     check_precision,
+    cpu_native_ops,
     eager_twin,
     empty_layout,
     native_runtime,
@@ -105,14 +106,9 @@ no_double_backward("tlv_fast::relpos_attention_bwd", "relpos_attention")
 _eager = eager_twin(_fwd_impl, _setup_context, _backward)
 
 
-_native_registered = []
-
-
+@cpu_native_ops
 def _native_ops():
     """The C++ ops (csrc/relpos.cpp), loaded and given their fake implementations and autograd once."""
-    if _native_registered:
-        return torch.ops.tlv_fast
-    _ext.load("cpu")
 
     @torch.library.register_fake("tlv_fast::native_relpos_fwd")
     def _(q, k, v, qr, kr, offset_sign, mask_upper, return_logits):
@@ -142,8 +138,6 @@ def _native_ops():
 
     torch.library.register_autograd("tlv_fast::native_relpos_fwd", backward, setup_context=setup_context)
     no_double_backward("tlv_fast::native_relpos_bwd", "relpos_attention (native)")
-    _native_registered.append(True)
-    return torch.ops.tlv_fast
 
 
 def relpos_attention(q, k, v, qr, kr, offset_sign=1, mask_upper=False, return_logits=False, backend="auto", *,

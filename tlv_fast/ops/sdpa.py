@@ -12,13 +12,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _ext, backends, reference, testing
+from .. import backends, reference, testing
 from ._common import (
     FLOAT_DTYPES,
     TRITON_DTYPES,
     call,
     check_precision,
     check_tensor,
+    cpu_native_ops,
     eager_twin,
     empty_layout,
     native_runtime,
@@ -130,14 +131,9 @@ no_double_backward("tlv_fast::attention_bwd", "attention")
 _eager = eager_twin(_fwd_impl, _setup_context, _backward)
 
 
-_native_registered = []
-
-
+@cpu_native_ops
 def _native_ops():
     """The C++ ops (csrc/attention.cpp), loaded and given their fake implementations and autograd once."""
-    if _native_registered:
-        return torch.ops.tlv_fast
-    _ext.load("cpu")
 
     @torch.library.register_fake("tlv_fast::native_attention_fwd")
     def _(q, k, v, mask, seed, scale, causal_offset, dropout_p):
@@ -166,8 +162,6 @@ def _native_ops():
 
     torch.library.register_autograd("tlv_fast::native_attention_fwd", backward, setup_context=setup_context)
     no_double_backward("tlv_fast::native_attention_bwd", "attention (native)")
-    _native_registered.append(True)
-    return torch.ops.tlv_fast
 
 
 def _run_native(c):
