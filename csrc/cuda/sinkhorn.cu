@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <mutex>
+#include <type_traits>
 
 #include "sinkhorn.h"
 
@@ -42,7 +43,50 @@ template <> __device__ __forceinline__ __half from_acc<__half>(float x) { return
 template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 template <typename T> __device__ __forceinline__ T from_acc(double x) { return static_cast<T>(x); }
 
-__device__ __forceinline__ float exp_(float x) { return __expf(x); }  // exp(-inf) = 0
+// ---- exp2 on the FMA pipe (tests/ops/test_sinkhorn_cuda_math.py reads this block: keep one constant a line) ----
+// 2^x = 2^floor(x) * p(x - floor(x)), p(f) = 1 + f (c1 + f (c2 + f (c3 + f (c4 + f c5)))): minimax relative error
+// on [0, 1] with p(0) = 1 exactly (a Remez fit, coefficients rounded to fp32): 1.5e-7 relative as evaluated in fp32,
+// the accuracy of MUFU.EX2. x is clamped to [kExp2Lo, kExp2Hi] (-inf -> 2^-127 * p(0) -> exactly +0; x > 127: the
+// one-pass sum leaves its range and is recomputed exactly); floor(x) + kExp2Magic by an add rounded toward -inf.
+constexpr float kExp2C1 = 0.6931512951850891f;
+constexpr float kExp2C2 = 0.24016444385051727f;
+constexpr float kExp2C3 = 0.05579991266131401f;
+constexpr float kExp2C4 = 0.009017030708491802f;
+constexpr float kExp2C5 = 0.0018671300495043397f;
+constexpr float kExp2Lo = -127.0f;
+constexpr float kExp2Hi = 127.0f;
+constexpr float kExp2Magic = 12582912.0f;  // 1.5 * 2^23: floor(x) sits in the low mantissa bits
+// ---- end of the exp2 constants ----
+
+// 2^x, 11 instructions, none on the special-function unit: 2 FMNMX, FADD.RM, 2 FADD, 5 FFMA and one LEA that adds
+// floor(x) to the exponent field (the low 9 bits of t's mantissa hold floor(x) in two's complement; << 23 moves them
+// onto the exponent). x in (-127, -126) gives a value below 2^-126 (a subnormal pattern, 0 for flush-to-zero math).
+__device__ __forceinline__ float exp2_poly(float x) {
+  x = fminf(fmaxf(x, kExp2Lo), kExp2Hi);
+  const float t = __fadd_rd(x, kExp2Magic);
+  const float f = x - (t - kExp2Magic);  // exact: x - floor(x) in [0, 1]
+  float q = fmaf(f, kExp2C5, kExp2C4);
+  q = fmaf(f, q, kExp2C3);
+  q = fmaf(f, q, kExp2C2);
+  q = fmaf(f, q, kExp2C1);
+  q = fmaf(f, q, 1.0f);
+  return __int_as_float(__float_as_int(q) + (__float_as_int(t) << 23));
+}
+// 2^x on the special-function unit: MUFU.EX2 alone (flush-to-zero: no range fix-up instructions); 2^-inf = 0
+__device__ __forceinline__ float exp2_mufu(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+template <bool POLY> __device__ __forceinline__ float exp2_(float x) { return POLY ? exp2_poly(x) : exp2_mufu(x); }
+template <bool POLY> __device__ __forceinline__ double exp2_(double x) { return exp2(x); }
+__device__ __forceinline__ float log2_(float x) { return __log2f(x); }
+__device__ __forceinline__ double log2_(double x) { return log2(x); }
+template <typename A> constexpr A kLog2e = A(1.4426950408889634);
+template <typename A> constexpr A kLn2 = A(0.6931471805599453);
+
+// natural exponentials (the backward and the output): e^x = 2^(x log2 e), one FMUL and MUFU.EX2
+__device__ __forceinline__ float exp_(float x) { return exp2_mufu(x * kLog2e<float>); }  // exp(-inf) = 0
 __device__ __forceinline__ double exp_(double x) { return exp(x); }
 __device__ __forceinline__ float log_(float x) { return __logf(x); }
 __device__ __forceinline__ double log_(double x) { return log(x); }
@@ -125,90 +169,264 @@ __host__ __device__ inline size_t align16(size_t x) { return (x + 15) / 16 * 16;
 
 struct Geometry {  // per-CTA row slab: the cluster splits the Ma rows into `cluster` slabs of `rows` rows
   int Ma, Na, rows;
+  int nch;  // forward: 32-column chunks a lane keeps in registers (a column group is 32 * nch columns)
 };
 
 // ------------------------------------------------------------------------------------------------------------------
 // forward
 // ------------------------------------------------------------------------------------------------------------------
+// Thread layout, the same in both half-steps: warp w owns the slab rows w, w + 16, ...; lane l owns the columns
+// jg + l + 32 c (c < NCH) of each column group jg (one group when Na <= 32 NCH). A row update sums along a warp's
+// row (column potentials in registers, one warp reduction per row); a column update sums down the warp's rows into
+// per-lane registers (column shifts in registers, the row potential loaded once per row), then across the 16 warps
+// through shared memory and across the cluster through distributed shared memory. All 512 threads work in both.
+//
+// One pass per half-step, in base 2 (x2 = S log2 e + potential2): the log-sum-exp shift is the same LSE's value of
+// the previous iteration (as ../sinkhorn.cpp); a sum outside [kSumLo, kSumHi] (the shift drifted by more than 64 bits,
+// or the first iteration) is recomputed exactly (maximum pass, then sum). Every kPolyPeriod-th chunk's exponential
+// runs on the FMA pipe (exp2_poly), the others on MUFU.EX2, so that the special-function unit is not the floor.
+constexpr int kHalfWarps = kWarps / 2;
+constexpr int kPolyPeriod = 4;
+template <typename A> constexpr A kSumLo = A(5.421010862427522e-20);   // 2^-64
+template <typename A> constexpr A kSumHi = A(1.8446744073709552e19);   // 2^64
+template <typename A> __device__ __forceinline__ A pos_inf() { return INFINITY; }
+// f(std::integral_constant<int, C>) for C = B .. E - 1: a compile-time chunk index (which exponential unit it uses)
+template <int B, int E, typename F> __device__ __forceinline__ void static_for(F&& f) {
+  if constexpr (B < E) {
+    f(std::integral_constant<int, B>{});
+    static_for<B + 1, E>(f);
+  }
+}
+
 template <typename A>
 struct FwdShared {  // layout of the dynamic shared memory (accumulation-type arrays, then the slab)
-  A *v, *cmax, *csum, *gmax, *lnu, *u, *lmu;
+  // per column: potential v, log nu, shift (log2 LSE of the last column update; +inf before the first, -inf for a
+  // column without a finite score), this CTA's partial (sum or max, read by the peers), exact maximum (log2)
+  A *v, *lnu, *csh, *cpart, *gmax;
+  A *u, *lmu, *rsh;  // per row: potential u, log mu, shift (as csh)
+  A *part;           // kHalfWarps x (32 nch): the cross-warp combine of column partials
   __device__ FwdShared(unsigned char* base, const Geometry& g) {
     A* p = reinterpret_cast<A*>(base);
-    v = p; cmax = v + g.Na; csum = cmax + g.Na; gmax = csum + g.Na; lnu = gmax + g.Na;
-    u = lnu + g.Na; lmu = u + g.rows;
+    v = p; lnu = v + g.Na; csh = lnu + g.Na; cpart = csh + g.Na; gmax = cpart + g.Na;
+    u = gmax + g.Na; lmu = u + g.rows; rsh = lmu + g.rows; part = rsh + g.rows;
   }
-  static __host__ __device__ size_t bytes(const Geometry& g) { return align16((5 * g.Na + 2 * g.rows) * sizeof(A)); }
+  static __host__ __device__ size_t bytes(const Geometry& g) {
+    return align16((5 * g.Na + 3 * g.rows + kHalfWarps * 32 * g.nch) * sizeof(A));
+  }
+  // after the slab: room for the reads of the last row's lanes past column Na - 1 (< 32 nch elements)
+  static __host__ __device__ size_t tail_bytes(const Geometry& g) { return align16(32 * g.nch * sizeof(A)); }
 };
 
-template <typename T, bool RESIDENT>
+template <typename T, bool RESIDENT, int NCH>
 __global__ void __launch_bounds__(kThreads) sinkhorn_fwd_kernel(SinkhornProblem p, Geometry g, T* out, void* us_,
                                                                 void* vs_) {
   using A = typename AccOf<T>::type;
+  constexpr A L = kLog2e<A>, LN2 = kLn2<A>;
   extern __shared__ __align__(16) unsigned char smem[];
   const unsigned csize = RESIDENT ? cluster_size() : 1, rank = RESIDENT ? cluster_rank() : 0;
   const int64_t b = blockIdx.x / csize;
   const int Ma = g.Ma, Na = g.Na, M = static_cast<int>(p.M), N = static_cast<int>(p.N);
   const int r0 = min(Ma, static_cast<int>(rank) * g.rows), nr = min(Ma, r0 + g.rows) - r0;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  constexpr int GW = 32 * NCH;  // columns per group
+  const int ngroups = (Na + GW - 1) / GW;
   FwdShared<A> sh(smem, g);
   T* slab = reinterpret_cast<T*>(smem + FwdShared<A>::bytes(g));
   const T* src = static_cast<const T*>(p.scores) + b * p.s0;
   const A bin = p.bin ? *static_cast<const A*>(p.bin) : A(0);
-  if (RESIDENT) load_slab<T>(slab, src, p.s1, p.s2, r0, nr, M, N, Na, from_acc<T>(bin));
+  if (RESIDENT) {
+    load_slab<T>(slab, src, p.s1, p.s2, r0, nr, M, N, Na, from_acc<T>(bin));
+    for (int k = threadIdx.x; k < GW; k += kThreads) slab[static_cast<int64_t>(nr) * Na + k] = from_acc<T>(A(0));
+  }
+  // S(il, j) for j < Na + GW - 1 (RESIDENT: past Na - 1 it reads the next row or the zeroed tail; those lanes carry
+  // a -inf potential in row sums and are never stored in column sums)
   const Scores<T, RESIDENT> S{slab, src, p.s1, p.s2, bin, r0, M, N, Na};
   const A* log_mu = static_cast<const A*>(p.log_mu) + b * p.mu0;
   const A* log_nu = static_cast<const A*>(p.log_nu) + b * p.nu0;
   A* us = static_cast<A*>(us_) + b * (p.iters + 1) * Ma;
   A* vs = static_cast<A*>(vs_) + b * (p.iters + 1) * Na;
-  for (int j = threadIdx.x; j < Na; j += kThreads) { sh.v[j] = 0; sh.lnu[j] = log_nu[j * p.nu1]; }
-  for (int i = threadIdx.x; i < nr; i += kThreads) { sh.u[i] = 0; sh.lmu[i] = log_mu[(r0 + i) * p.mu1]; }
+  for (int j = threadIdx.x; j < Na; j += kThreads) {
+    sh.v[j] = 0;
+    sh.lnu[j] = log_nu[j * p.nu1];
+    sh.csh[j] = pos_inf<A>();
+  }
+  for (int i = threadIdx.x; i < nr; i += kThreads) {
+    sh.u[i] = 0;
+    sh.lmu[i] = log_mu[(r0 + i) * p.mu1];
+    sh.rsh[i] = pos_inf<A>();
+  }
   __syncthreads();
 
-  auto row_update = [&](int t) {  // u_i = log_mu_i - LSE_j(S_ij + v_j); a warp per row
+  // ---- row update: u_i = log_mu_i - LSE_j(S_ij + v_j); a warp per row, lane l: columns jg + l + 32 c ----------
+  A vr[NCH];  // log2 e * v_j of the lane's columns in the current group (-inf past Na - 1)
+  auto load_v = [&](int jg) {
+#pragma unroll
+    for (int c = 0; c < NCH; ++c) {
+      const int j = jg + lane + 32 * c;
+      vr[c] = j < Na ? L * sh.v[j] : neg_inf<A>();
+    }
+  };
+  auto row_sum = [&](int il, A shift) {  // sum_j 2^(S_ij log2 e + v2_j - shift), all lanes get it
+    A s0 = 0, s1 = 0;
+    for (int gi = 0; gi < ngroups; ++gi) {
+      if (ngroups > 1) load_v(gi * GW);
+      const int jb = gi * GW + lane;
+      static_for<0, NCH>([&](auto cc) {
+        constexpr int c = decltype(cc)::value;
+        const A e = exp2_<c % kPolyPeriod == kPolyPeriod - 1>(fma(S(il, jb + 32 * c), L, vr[c]) - shift);
+        if (c % 2 == 0) {
+          s0 += e;
+        } else {
+          s1 += e;
+        }
+      });
+    }
+    return warp_sum(s0 + s1);
+  };
+  auto row_max = [&](int il) {
+    A m = neg_inf<A>();
+    for (int gi = 0; gi < ngroups; ++gi) {
+      if (ngroups > 1) load_v(gi * GW);
+      const int jb = gi * GW + lane;
+#pragma unroll
+      for (int c = 0; c < NCH; ++c) m = fmax(m, fma(S(il, jb + 32 * c), L, vr[c]));
+    }
+    return warp_max(m);
+  };
+  auto row_update = [&](int t) {
+    if (ngroups == 1) load_v(0);
     for (int il = warp; il < nr; il += kWarps) {
-      A m = neg_inf<A>();
-      for (int j = lane; j < Na; j += 32) m = fmax(m, S(il, j) + sh.v[j]);
-      m = warp_max(m);
-      A s = 0;
-      if (m != neg_inf<A>()) {
-        for (int j = lane; j < Na; j += 32) s += exp_(S(il, j) + sh.v[j] - m);
-        s = warp_sum(s);
+      A shift = sh.rsh[il];  // warp-uniform
+      A ui = 0;
+      if (shift != neg_inf<A>()) {  // -inf: a row without a finite score keeps u = 0
+        A s = 0;
+        bool ok = false;
+        if (shift != pos_inf<A>()) {  // one pass with the previous LSE as the shift
+          s = row_sum(il, shift);
+          ok = s >= kSumLo<A> && s <= kSumHi<A>;
+        }
+        if (!ok) {  // first iteration, or the shift drifted: exact maximum, then the sum
+          shift = row_max(il);
+          if (shift != neg_inf<A>()) s = row_sum(il, shift);
+        }
+        if (shift != neg_inf<A>()) {
+          shift += log2_(s);  // log2 LSE: the next iteration's shift
+          ui = sh.lmu[il] - LN2 * shift;
+        }
       }
+      __syncwarp();
       if (lane == 0) {
-        const A ui = m == neg_inf<A>() ? A(0) : sh.lmu[il] - (m + log_(s));
         sh.u[il] = ui;
+        sh.rsh[il] = shift;
         us[t * Ma + r0 + il] = ui;
       }
     }
     __syncthreads();
   };
-  auto col_update = [&](int t) {  // v_j = log_nu_j - LSE_i(S_ij + u_i); partial over the slab, combined in the cluster
-    for (int j = threadIdx.x; j < Na; j += kThreads) {
-      A m = neg_inf<A>();
-      for (int il = 0; il < nr; ++il) m = fmax(m, S(il, j) + sh.u[il]);
-      sh.cmax[j] = m;
+
+  // ---- column update: v_j = log_nu_j - LSE_i(S_ij + u_i) -------------------------------------------------------
+  // sum (or max) of the 16 warps' per-lane partials of group jg into sh.cpart (this CTA's partial), in a fixed order
+  auto combine = [&](A (&acc)[NCH], int jg, bool is_max) {
+    if (warp >= kHalfWarps) {
+#pragma unroll
+      for (int c = 0; c < NCH; ++c) sh.part[(warp - kHalfWarps) * GW + lane + 32 * c] = acc[c];
     }
-    problem_sync<RESIDENT>();
-    for (int j = threadIdx.x; j < Na; j += kThreads) {
-      A m = neg_inf<A>();
-      for (unsigned r = 0; r < csize; ++r) m = fmax(m, peer(sh.cmax, r)[j]);
-      A s = 0;
-      if (m != neg_inf<A>()) {
-        for (int il = 0; il < nr; ++il) s += exp_(S(il, j) + sh.u[il] - m);
+    __syncthreads();
+    if (warp < kHalfWarps) {
+#pragma unroll
+      for (int c = 0; c < NCH; ++c) {
+        A* q = &sh.part[warp * GW + lane + 32 * c];
+        *q = is_max ? fmax(acc[c], *q) : acc[c] + *q;
       }
-      sh.gmax[j] = m;
-      sh.csum[j] = s;
     }
-    problem_sync<RESIDENT>();
-    for (int j = threadIdx.x; j < Na; j += kThreads) {
-      A s = 0;
-      for (unsigned r = 0; r < csize; ++r) s += peer(sh.csum, r)[j];
-      const A vj = sh.gmax[j] == neg_inf<A>() ? A(0) : sh.lnu[j] - (sh.gmax[j] + log_(s));
-      sh.v[j] = vj;
-      if (rank == 0) vs[t * Na + j] = vj;
+    __syncthreads();
+    for (int jj = threadIdx.x; jj < GW && jg + jj < Na; jj += kThreads) {
+      A a = sh.part[jj];
+      for (int k = 1; k < kHalfWarps; ++k) a = is_max ? fmax(a, sh.part[k * GW + jj]) : a + sh.part[k * GW + jj];
+      sh.cpart[jg + jj] = a;
     }
-    problem_sync<RESIDENT>();  // peers have read cmax / csum before the next update overwrites them
+    __syncthreads();  // part is reused by the next group
+  };
+  // per-lane partial sums sum_i 2^(S_ij log2 e + u2_i - shift_j) of group jg over the warp's rows, into sh.cpart
+  auto col_sums = [&](int jg, const A* shift) {
+    A ns[NCH], cs[NCH];
+#pragma unroll
+    for (int c = 0; c < NCH; ++c) {
+      const int j = jg + lane + 32 * c;
+      const A m = j < Na ? shift[j] : A(0);
+      ns[c] = (m == neg_inf<A>() || m == pos_inf<A>()) ? A(0) : -m;  // an empty column sums 0 whatever its shift
+      cs[c] = 0;
+    }
+    for (int il = warp; il < nr; il += kWarps) {
+      const A u2 = L * sh.u[il];
+      const int jb = jg + lane;
+      static_for<0, NCH>([&](auto cc) {
+        constexpr int c = decltype(cc)::value;
+        cs[c] += exp2_<c % kPolyPeriod == kPolyPeriod - 1>(fma(S(il, jb + 32 * c), L, ns[c]) + u2);
+      });
+    }
+    combine(cs, jg, false);
+  };
+  auto col_maxima = [&](int jg) {
+    A cm[NCH];
+#pragma unroll
+    for (int c = 0; c < NCH; ++c) cm[c] = neg_inf<A>();
+    for (int il = warp; il < nr; il += kWarps) {
+      const A u2 = L * sh.u[il];
+      const int jb = jg + lane;
+#pragma unroll
+      for (int c = 0; c < NCH; ++c) cm[c] = fmax(cm[c], fma(S(il, jb + 32 * c), L, u2));
+    }
+    combine(cm, jg, true);
+  };
+  auto set_v = [&](int t, int j, A shift, A s) {  // shift: log2 of the sum's scale (-inf: empty column)
+    A vj = 0;
+    if (shift != neg_inf<A>()) {
+      shift += log2_(s);
+      vj = sh.lnu[j] - LN2 * shift;
+    }
+    sh.v[j] = vj;
+    sh.csh[j] = shift;
+    if (rank == 0) vs[t * Na + j] = vj;
+  };
+  auto col_update = [&](int t) {
+    bool exact = t == 1;  // no previous shifts yet (every csh is +inf exactly then)
+    if (!exact) {  // one pass with the previous LSEs as shifts
+      for (int gi = 0; gi < ngroups; ++gi) col_sums(gi * GW, sh.csh);
+      problem_sync<RESIDENT>();
+      bool bad = false;
+      for (int j = threadIdx.x; j < Na; j += kThreads) {
+        A s = 0;
+        for (unsigned r = 0; r < csize; ++r) s += peer(sh.cpart, r)[j];
+        const A shift = sh.csh[j];
+        if (shift == neg_inf<A>() || (s >= kSumLo<A> && s <= kSumHi<A>)) {
+          set_v(t, j, shift, s);  // overwritten below if another column needs the exact pass
+        } else {
+          bad = true;
+        }
+      }
+      // the same sums in every CTA of the cluster (peers summed in rank order): the same decision everywhere
+      exact = __syncthreads_or(bad) != 0;
+      if (exact) problem_sync<RESIDENT>();  // the peers have read cpart
+    }
+    if (exact) {  // exact maxima, then the sums
+      for (int gi = 0; gi < ngroups; ++gi) col_maxima(gi * GW);
+      problem_sync<RESIDENT>();
+      for (int j = threadIdx.x; j < Na; j += kThreads) {
+        A m = neg_inf<A>();
+        for (unsigned r = 0; r < csize; ++r) m = fmax(m, peer(sh.cpart, r)[j]);
+        sh.gmax[j] = m;
+      }
+      problem_sync<RESIDENT>();  // gmax complete; the peers have read cpart
+      for (int gi = 0; gi < ngroups; ++gi) col_sums(gi * GW, sh.gmax);
+      problem_sync<RESIDENT>();
+      for (int j = threadIdx.x; j < Na; j += kThreads) {
+        A s = 0;
+        for (unsigned r = 0; r < csize; ++r) s += peer(sh.cpart, r)[j];
+        set_v(t, j, sh.gmax[j], s);
+      }
+    }
+    problem_sync<RESIDENT>();  // v visible to the row update; the peers have read cpart before it is rewritten
   };
   for (int t = 1; t <= p.iters; ++t) {
     if (p.col_first) {
@@ -483,16 +701,27 @@ size_t elt_size(Dtype d) {
 
 // smallest cluster whose slabs fit in shared memory; cluster 0: stream from global memory
 template <typename Bytes>
-LaunchInfo plan(const SinkhornProblem& p, const DeviceLimits& d, Bytes aux_bytes) {
+LaunchInfo plan(const SinkhornProblem& p, const DeviceLimits& d, int nch, Bytes aux_bytes) {
   const int Ma = static_cast<int>(p.M) + (p.bin != nullptr), Na = static_cast<int>(p.N) + (p.bin != nullptr);
   const int max_cluster = d.major >= 9 ? kMaxCluster : 1;
   for (int c = 1; c <= max_cluster; c *= 2) {
     const int rows = (Ma + c - 1) / c;
     if (c > 1 && rows * (c - 1) >= Ma) break;  // a CTA would hold no row
-    const size_t bytes = aux_bytes(Geometry{Ma, Na, rows}, true) + static_cast<size_t>(rows) * Na * elt_size(p.dtype);
+    const size_t bytes =
+        aux_bytes(Geometry{Ma, Na, rows, nch}, true) + static_cast<size_t>(rows) * Na * elt_size(p.dtype);
     if (bytes <= static_cast<size_t>(d.smem_optin)) return {c, bytes};
   }
-  return {0, aux_bytes(Geometry{Ma, Na, Ma}, false)};
+  return {0, aux_bytes(Geometry{Ma, Na, Ma, nch}, false)};
+}
+
+// forward: the 32-column chunks per lane (a template parameter: registers) for Na columns; wider rows loop over
+// column groups of 32 * 16
+constexpr int kChunkChoices[] = {4, 8, 11, 16};
+int chunks_for(int Na) {
+  for (int c : kChunkChoices) {
+    if (32 * c >= Na) return c;
+  }
+  return 16;
 }
 
 template <typename Kernel, typename... Args>
@@ -521,13 +750,25 @@ cudaError_t launch(Kernel kernel, const LaunchInfo& info, int64_t B, cudaStream_
 template <typename T>
 cudaError_t forward_t(const SinkhornProblem& p, void* out, void* us, void* vs, cudaStream_t stream, LaunchInfo* info) {
   using A = typename AccOf<T>::type;
-  const LaunchInfo li = plan(p, limits(), [](const Geometry& g, bool) { return FwdShared<A>::bytes(g); });
-  if (info) *info = li;
   const int Ma = static_cast<int>(p.M) + (p.bin != nullptr), Na = static_cast<int>(p.N) + (p.bin != nullptr);
+  const int nch = std::is_same<T, double>::value ? 4 : chunks_for(Na);
+  const LaunchInfo li = plan(p, limits(), nch, [](const Geometry& g, bool) {
+    return FwdShared<A>::bytes(g) + FwdShared<A>::tail_bytes(g);
+  });
+  if (info) *info = li;
   const int c = std::max(li.cluster, 1);
-  const Geometry g{Ma, Na, li.cluster ? (Ma + c - 1) / c : Ma};
-  if (li.cluster) return launch(sinkhorn_fwd_kernel<T, true>, li, p.B, stream, p, g, static_cast<T*>(out), us, vs);
-  return launch(sinkhorn_fwd_kernel<T, false>, li, p.B, stream, p, g, static_cast<T*>(out), us, vs);
+  const Geometry g{Ma, Na, li.cluster ? (Ma + c - 1) / c : Ma, nch};
+  auto run = [&](auto kernel) { return launch(kernel, li, p.B, stream, p, g, static_cast<T*>(out), us, vs); };
+  if constexpr (std::is_same<T, double>::value) {  // the float64 path: one width (column groups beyond 128)
+    return li.cluster ? run(sinkhorn_fwd_kernel<T, true, 4>) : run(sinkhorn_fwd_kernel<T, false, 4>);
+  } else {
+    switch (nch) {
+      case 4: return li.cluster ? run(sinkhorn_fwd_kernel<T, true, 4>) : run(sinkhorn_fwd_kernel<T, false, 4>);
+      case 8: return li.cluster ? run(sinkhorn_fwd_kernel<T, true, 8>) : run(sinkhorn_fwd_kernel<T, false, 8>);
+      case 11: return li.cluster ? run(sinkhorn_fwd_kernel<T, true, 11>) : run(sinkhorn_fwd_kernel<T, false, 11>);
+      default: return li.cluster ? run(sinkhorn_fwd_kernel<T, true, 16>) : run(sinkhorn_fwd_kernel<T, false, 16>);
+    }
+  }
 }
 
 template <typename T>
@@ -536,13 +777,13 @@ cudaError_t backward_t(const SinkhornProblem& p, const void* grad, int64_t g0, i
                        void* d_bin, void* scratch, cudaStream_t stream, LaunchInfo* info) {
   using A = typename AccOf<T>::type;
   const int iters = p.iters;
-  const LaunchInfo li = plan(p, limits(), [iters](const Geometry& g, bool resident) {
+  const LaunchInfo li = plan(p, limits(), 0, [iters](const Geometry& g, bool resident) {
     return BwdShared<A>::bytes(g, iters, resident);
   });
   if (info) *info = li;
   const int Ma = static_cast<int>(p.M) + (p.bin != nullptr), Na = static_cast<int>(p.N) + (p.bin != nullptr);
   const int c = std::max(li.cluster, 1);
-  const Geometry g{Ma, Na, li.cluster ? (Ma + c - 1) / c : Ma};
+  const Geometry g{Ma, Na, li.cluster ? (Ma + c - 1) / c : Ma, 0};
   auto args = [&](auto kernel) {
     return launch(kernel, li, p.B, stream, p, g, static_cast<const T*>(grad), g0, g1, g2, static_cast<const T*>(out),
                   us, vs, static_cast<T*>(d_scores), d_mu, d_nu, d_bin, scratch);
