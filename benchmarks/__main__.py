@@ -8,6 +8,7 @@
     python -m benchmarks relpos --preset sttr --dtype fp16      # STTR attention: 960 lines, W = 320, 8 x 16
     python -m benchmarks models --preset anchors                # BERT-base, GPT-2 small, ViT-B/16 vs transformers
     python -m benchmarks sttr --preset h200                     # STTR 960x540 / 1080p inference, 640x384 training
+    python -m benchmarks sttr --preset memory --providers tlv_fast   # 960x540 inference memory, chunked or not
     python -m benchmarks summary DIR                            # the tables of DIR/*.csv (gpu_check.sh's summary)
 
 Several runs in one process (one CUDA context, one torch.compile warm-up): separate them with `::`, e.g.
@@ -63,7 +64,7 @@ def _parser():
     p.add_argument("op", nargs="?", default="attention", choices=["attention", "sinkhorn", "relpos", "models", "sttr"])
     p.add_argument("--preset", default=None, help="attention: milestone, sweep, models, smoke; "
                                                   "sinkhorn: h200, cpu, sizes, smoke; relpos: sttr, smoke; "
-                                                  "models: anchors, smoke; sttr: h200, smoke")
+                                                  "models: anchors, smoke; sttr: h200, cpu, memory, smoke")
     p.add_argument("--providers", default=None, help="comma-separated subset of the op's providers, in order")
     p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32", "fp64"],
                    help="default bf16 (attention, models), fp32 (sinkhorn), fp16 (relpos)")

@@ -136,6 +136,27 @@ def test_batch_of_two_equals_two_single_runs(parity):
         assert_close(both[key], torch.cat([o[key] for o in ones]), name=key)
 
 
+@pytest.mark.parametrize("chunk_rows,batch,size,stride", [(1, 1, (131, 150), 3), (7, 2, (125, 133), 3),
+                                                         (64, 1, (128, 140), 4)])
+def test_chunked_tokenizer_equals_the_full_resolution_path(chunk_rows, batch, size, stride):
+    """Without autograd the tokenizer's last stage runs in row chunks and keeps only the sampled tokens: the same
+    values as the full-resolution maps sampled afterwards (odd sizes: the centre crop; batch 2: per-pair statistics;
+    chunk 1: every halo at its edge)."""
+    torch.manual_seed(0)
+    model = STTR.from_preset("tiny", stride=stride, tokenizer_chunk_rows=chunk_rows).eval()
+    full = STTR.from_preset("tiny", stride=stride, tokenizer_chunk_rows=0).eval()
+    full.load_state_dict(model.state_dict())
+    left, right, _ = _pair(batch, *size)
+    with torch.no_grad():
+        a = model(left, right, return_intermediates=True)
+        b = full(left, right, return_intermediates=True)
+    for key in ("tokens_left", "tokens_right", "logits", "disparity", "occlusion"):
+        assert_close(a[key], b[key], name=key)
+    with torch.enable_grad():  # with autograd (training) the chunked path is not taken: nothing to compare but values
+        c = model(left, right)
+    assert_close(c["disparity"].detach(), b["disparity"], name="disparity with autograd")
+
+
 def _patch_cost(pair, s, alpha=50.0, tau=0.2):
     """Hand-built matching scores from the images: alpha * (tau - mean |5x5 patch difference|), keys j > i masked."""
     h, w = pair["disp"].shape

@@ -32,6 +32,9 @@ class STTRConfig:
     backend: see tlv_fast.backends: "auto", "reference" (eager everything), or a mapping per op, e.g.
         {"relpos_attention": "triton", "optimal_transport": "native"} for the compiled kernels only (raising if one
         cannot run). A single compiled name must be implemented by both ops (checked here).
+    tokenizer_chunk_rows: without autograd (inference), the tokenizer's full-resolution last stage runs in chunks of
+        this many image rows and keeps only the rows and columns the transformer reads (Tokenizer, sttr_features.py):
+        the same outputs in a fraction of the memory. 0 computes the full-resolution maps as in training.
     """
     dim: int = 128
     num_heads: int = 8
@@ -47,6 +50,7 @@ class STTRConfig:
     parity: bool = False
     gradient_checkpointing: bool = True
     backend: object = "auto"
+    tokenizer_chunk_rows: int = 64
 
     def __post_init__(self):
         if self.dim % self.num_heads or self.dim % 2:
@@ -56,6 +60,9 @@ class STTRConfig:
             raise ValueError(f"STTRConfig: stride must be an int >= 1, got {self.stride!r}")
         if self.regression not in ("ot", "softmax"):
             raise ValueError(f"STTRConfig: regression must be 'ot' or 'softmax', got {self.regression!r}")
+        if not isinstance(self.tokenizer_chunk_rows, int) or self.tokenizer_chunk_rows < 0:
+            raise ValueError(f"STTRConfig: tokenizer_chunk_rows must be an int >= 0 (0: no chunking), got "
+                             f"{self.tokenizer_chunk_rows!r}")
         if self.num_layers < 1:
             raise ValueError(f"STTRConfig: num_layers must be >= 1, got {self.num_layers}")
         check_backend(self, ("relpos_attention", "optimal_transport"))
@@ -209,8 +216,12 @@ class STTR(Presets, nn.Module):
         h, w = len(rows), len(cols)
         scale = W / w if cfg.parity else float(s)  # pixels per token
 
-        tokens = self.tokenizer(self.backbone(torch.cat([left, right])))  # (2B, C, H, W)
-        tokens = tokens.index_select(2, rows).index_select(3, cols)  # (2B, C, H', W')
+        feats = self.backbone(torch.cat([left, right]))
+        if cfg.tokenizer_chunk_rows and not torch.is_grad_enabled():  # only the sampled tokens, chunk by chunk
+            tokens = self.tokenizer(feats, rows, cols, cfg.tokenizer_chunk_rows)  # (2B, C, H', W')
+        else:
+            tokens = self.tokenizer(feats).index_select(2, rows).index_select(3, cols)
+        del feats
         feat = tokens.permute(0, 2, 3, 1).reshape(2 * B * h, w, cfg.dim)  # lines: left (b, y), then right
         logits = self.transformer(feat, scale).view(B, h, w, w)
 

@@ -153,12 +153,113 @@ class Tokenizer(nn.Module):
                                           DenseBlock(layers, new + 64, 4, growth),
                                           DoubleConv(hidden_dim + 3, hidden_dim)])
 
-    def forward(self, feats):
+    def forward(self, feats, rows=None, cols=None, chunk_rows=64):
+        """feats from Backbone -> tokens (2B, hidden, H, W); with rows and cols (1-D index tensors), only the tokens
+        at those rows and columns, (2B, hidden, len(rows), len(cols)), computed in chunks of chunk_rows full-resolution
+        rows (see _sampled_last_stage): the same values (up to float rounding of the BatchNorm statistics) without the
+        full-resolution maps. The chunked path has no backward; use it without autograd."""
         x, f4, f8, f16 = feats
         out = self.bottle_neck(f16)
-        for up, block, skip in zip(self.up, self.dense_block, (f8, f4, x)):
+        last = len(self.up) - 1
+        for i, (up, block, skip) in enumerate(zip(self.up, self.dense_block, (f8, f4, x))):
+            if i == last and rows is not None:
+                return _sampled_last_stage(up, block, out, x, rows, cols, chunk_rows)
             out = block(up(out, skip))
-        return out
+        return out if rows is None else out.index_select(2, rows).index_select(3, cols)
+
+
+class _PairStats:
+    """Sums and sums of squares per (group, channel) in float64, the groups being StereoBatchNorm2d's: the whole batch
+    for one pair, each pair (left i, right i) otherwise."""
+
+    def __init__(self, n, channels, device):
+        self.n, self.groups = n, (1 if n <= 2 else n // 2)
+        self.s = torch.zeros(self.groups, channels, dtype=torch.float64, device=device)
+        self.ss = torch.zeros_like(self.s)
+        self.count = 0
+
+    def _grouped(self, t):  # (N, C, h, W) -> (G, N / G, C, h * W)
+        n, c = t.shape[:2]
+        if self.groups == 1:
+            return t.reshape(1, n, c, -1)
+        return t.reshape(2, self.groups, c, -1).transpose(0, 1)
+
+    def add(self, t):
+        g = self._grouped(t.double())
+        self.s += g.sum((1, 3))
+        self.ss += (g * g).sum((1, 3))
+        self.count += g.shape[1] * g.shape[3]
+
+    def normalize(self, t, bn):
+        """What bn (a StereoBatchNorm2d in training-mode statistics) gives for t, with the accumulated statistics."""
+        mean = self.s / self.count
+        var = (self.ss / self.count - mean * mean).clamp_min(0)  # biased, as batch_norm normalises with
+        scale = bn.weight.double() / torch.sqrt(var + bn.eps)  # (G, C)
+        shift = bn.bias.double() - mean * scale
+        g = self._grouped(t)
+        y = g * scale[:, None, :, None].to(t.dtype) + shift[:, None, :, None].to(t.dtype)
+        if self.groups > 1:
+            y = y.transpose(0, 1)
+        return y.reshape(t.shape)
+
+
+def _rows_conv(conv, inp, y0, y1, lo, H):
+    """conv (3x3, padding 1, stride 1) output rows [y0, y1) of an H-row map whose rows [lo, lo + inp.shape[2]) are in
+    inp (inp covers rows y0 - 1 .. y1 that exist); rows outside the map are the zero padding."""
+    a, b = max(y0 - 1, 0), min(y1 + 1, H)
+    part = inp[:, :, a - lo:b - lo]
+    part = F.pad(part, (0, 0, a - (y0 - 1), (y1 + 1) - b))
+    return F.conv2d(part, conv.weight, conv.bias, padding=(0, 1))
+
+
+def _sampled_last_stage(up, block, out, x, rows, cols, chunk_rows):
+    """The tokenizer's last stage (x4 transposed-convolution upsampling to full resolution, concatenation with the
+    image, two conv-BatchNorm-ReLU) evaluated only at the sampled rows and columns, in row chunks.
+
+    The full-resolution maps of this stage dominate STTR's inference memory, while the transformer reads only every
+    stride-th row. Each chunk recomputes the rows it needs (a 2-row halo on each side); the two BatchNorms use batch
+    statistics over the whole image, so three passes run over the chunks: the first accumulates the statistics of the
+    first convolution, the second those of the second, the third produces the sampled outputs. Peak memory is then
+    the 1/2-resolution map plus a few chunks, at the price of computing the full-resolution convolutions 2-3 times."""
+    if chunk_rows < 1:
+        raise ValueError(f"Tokenizer: chunk_rows must be >= 1, got {chunk_rows}")
+    ct1, bn_mid, ct2 = up.convTrans  # the x4 TransitionUp
+    conv1, bn1, _, conv2, bn2, _ = block.double_conv
+    half = bn_mid(ct1(out))  # (N, C, Ha, Wa): 1/2 resolution
+    n, _, H, W = x.shape
+    Ha, Wa = half.shape[2:]
+    top, left = ((2 * Ha + 1) - H) // 2, ((2 * Wa + 1) - W) // 2  # TransitionUp's centre crop
+
+    def upsampled(y0, y1):  # rows [y0, y1) of cat([crop(ct2(half)), x]), y0 >= 0, y1 <= H
+        u0, u1 = y0 + top, y1 + top
+        i0, i1 = max((u0 - 1) // 2, 0), min((u1 - 1) // 2 + 1, Ha)
+        t = F.conv_transpose2d(half[:, :, i0:i1], ct2.weight, ct2.bias, stride=2)
+        t = t[:, :, u0 - 2 * i0:u1 - 2 * i0, left:left + W]
+        return torch.cat([t, x[:, :, y0:y1].to(t.dtype)], 1)
+
+    def first(y0, y1):  # conv1 rows [y0, y1)
+        a, b = max(y0 - 1, 0), min(y1 + 1, H)
+        return _rows_conv(conv1, upsampled(a, b), y0, y1, a, H)
+
+    def second(y0, y1, stats1):  # conv2 rows [y0, y1)
+        a, b = max(y0 - 1, 0), min(y1 + 1, H)
+        h1 = F.relu(stats1.normalize(first(a, b), bn1))
+        return _rows_conv(conv2, h1, y0, y1, a, H)
+
+    chunks = [(y0, min(y0 + chunk_rows, H)) for y0 in range(0, H, chunk_rows)]
+    stats1 = _PairStats(n, conv1.out_channels, x.device)
+    for y0, y1 in chunks:
+        stats1.add(first(y0, y1))
+    stats2 = _PairStats(n, conv2.out_channels, x.device)
+    for y0, y1 in chunks:
+        stats2.add(second(y0, y1, stats1))
+    outs = []
+    for y0, y1 in chunks:
+        keep = rows[(rows >= y0) & (rows < y1)]
+        if len(keep):
+            h2 = F.relu(stats2.normalize(second(y0, y1, stats1), bn2))
+            outs.append(h2.index_select(2, keep - y0).index_select(3, cols))
+    return torch.cat(outs, 2)
 
 
 class WNConv2d(nn.Module):
