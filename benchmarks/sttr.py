@@ -7,7 +7,7 @@ import dataclasses
 import torch
 
 from tlv_fast.models import STTR, sttr_loss
-from tlv_fast.stereo_data import synthetic_batch
+from tlv_fast.stereo.synthetic import synthetic_batch
 
 from .common import cpu_peak_mib, guarded, interleaved_rows
 

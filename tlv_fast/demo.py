@@ -1,6 +1,6 @@
 """Demos that run on data they make. `python -m tlv_fast.demo stereo --help` (or the `tlv-fast-demo` script).
 
-stereo: trains an STTR on synthetic stereo pairs with exact ground truth (tlv_fast.stereo_data) for a bounded time,
+stereo: trains an STTR on synthetic stereo pairs with exact ground truth (tlv_fast.stereo.synthetic) for a bounded time,
 then writes a PNG (left image | ground-truth disparity | predicted disparity | predicted occlusion, with titles,
 colour bars in pixels and the metrics when matplotlib is installed) and prints EPE, 3-px error and occlusion IoU on
 a held-out pair, before and after training. On a CPU it uses the "small" config at
@@ -99,7 +99,7 @@ def _evaluate(model, pair, device):
 
 def stereo(args):
     from .models import STTR, sttr_loss
-    from .stereo_data import synthetic_batch
+    from .stereo.synthetic import synthetic_batch
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gpu = device.type == "cuda"

@@ -11,7 +11,7 @@ from tlv_fast import optimal_transport
 from tlv_fast.formulas import add_dustbins
 from tlv_fast.models import STTR, STTRConfig, gt_response, stereo_metrics, sttr_loss, window_regression
 from tlv_fast.models.sttr_checkpoint import sttr_from_published_state_dict
-from tlv_fast.stereo_data import synthetic_batch, synthetic_stereo
+from tlv_fast.stereo.synthetic import synthetic_batch, synthetic_stereo
 
 from helpers import REPO, assert_close, spec_relpos_mha
 
@@ -469,7 +469,7 @@ def test_sttr_fused_equals_reference_on_gpu():
     """The published architecture at 256 x 384 on CUDA: the compiled kernels (Triton attention, CUDA Sinkhorn) against
     backend="reference", fp32 forward; and the fp16-autocast fused path stays finite with the same plan shape."""
     from tlv_fast.models import STTR
-    from tlv_fast.stereo_data import synthetic_batch
+    from tlv_fast.stereo.synthetic import synthetic_batch
     data = {k: v.cuda() for k, v in synthetic_batch(2, 256, 384, seed=0).items()}
     left, right = STTR.preprocess(data["left"]), STTR.preprocess(data["right"])
     outs = {}
