@@ -1,8 +1,10 @@
 """The adversarial sweep (tests/adversarial.py) finds nothing: every invalid call raises naming what was wrong, every
 valid one agrees with torch or the reference."""
 import adversarial
+import pytest
 
 
+@pytest.mark.exhaustive  # a sweep: not in the quick run
 def test_the_sweep_finds_nothing(capsys):
     status = adversarial.main([])
     report = capsys.readouterr().out
