@@ -112,7 +112,8 @@ def run(argv):
               f"`python -m benchmarks {args.op} --preset {cpu_presets[0]}` (CPU speed), or add --force to run it "
               "here anyway (slow; not speed).", file=sys.stderr)
         return 2
-    interleave = device == "cpu" and preset == "cpu" and hasattr(op, "run_interleaved") and not args.tiny
+    interleave = (device == "cpu" and preset in getattr(op, "INTERLEAVED_PRESETS", ("cpu",))
+                  and hasattr(op, "run_interleaved") and not args.tiny)
     # on a CPU, the ops whose tlv_fast path is C++ (attention, Sinkhorn) measure speed; the others run eager code
     not_speed = args.tiny or (device == "cpu" and not getattr(op, "CPU_IS_SPEED", False))
     if not_speed:

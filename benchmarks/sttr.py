@@ -18,6 +18,7 @@ CPU_PROVIDERS = PROVIDERS
 
 CPU_IS_SPEED = True  # on CPU tensors tlv_fast runs its C++ kernels (relative-position attention, Sinkhorn)
 CPU_PRESETS = ("cpu", "memory", "smoke")
+INTERLEAVED_PRESETS = ("cpu", "memory")  # timed in turns, with the peak memory of a fresh process
 CPU_ROUNDS = 2  # the reference takes tens of seconds per call on a CPU
 
 

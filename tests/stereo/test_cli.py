@@ -89,8 +89,10 @@ def test_infer_with_a_calibration_file(pair, tmp_path, tiny_checkpoint):
     calib.write_text("cam0=[200 0 70; 0 200 60; 0 0 1]\ncam1=[200 0 72; 0 200 60; 0 0 1]\ndoffs=2\nbaseline=150\n"
                      "width=144\nheight=128\nndisp=64\n")
     status = cli.main(["infer", str(pair / "left.png"), str(pair / "right.png"), "--out", str(tmp_path / "o"),
-                       "--checkpoint", str(tiny_checkpoint), "--calib", str(calib)])
+                       "--checkpoint", str(tiny_checkpoint), "--calib", str(calib), "--preview"])
     assert status == 0
+    preview = read_image(tmp_path / "o" / "preview.png")  # image, disparity, occlusion, point cloud
+    assert preview.shape[2] > 3 * preview.shape[1] and preview.float().std() > 10
     points, _ = read_ply(tmp_path / "o" / "points.ply")
     model, _ = load_model(str(tiny_checkpoint))
     pred = predict(model, read_image(pair / "left.png"), read_image(pair / "right.png"))

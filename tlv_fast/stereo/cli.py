@@ -118,6 +118,44 @@ def _camera(args, shape):
     return args.focal, args.baseline, args.cx, args.cy, 0.0
 
 
+def write_preview(path, left, disp, occ, points=None, colors=None, max_disp=None, max_points=20000):
+    """One PNG for a reader: the left image, the disparity (colour bar in pixels), the occlusion probability and,
+    with a camera, the point cloud from above the camera (a subsample of max_points, coloured from the image)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = 4 if points is not None else 3
+    h, w = disp.shape
+    fig = plt.figure(figsize=(4.2 * panels, 4.2 * h / w + 0.9), dpi=110)
+    ax = fig.add_subplot(1, panels, 1)
+    ax.imshow(left.permute(1, 2, 0).numpy())
+    ax.set_title("left image")
+    ax.axis("off")
+    ax = fig.add_subplot(1, panels, 2)
+    im = ax.imshow(disp.numpy(), cmap="turbo", vmin=0, vmax=max_disp or float(disp.max()))
+    ax.set_title("disparity")
+    ax.axis("off")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02, label="pixels")
+    ax = fig.add_subplot(1, panels, 3)
+    im = ax.imshow(occ.numpy(), cmap="gray", vmin=0, vmax=1)
+    ax.set_title("occlusion")
+    ax.axis("off")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02, label="probability")
+    if points is not None:
+        ax = fig.add_subplot(1, panels, 4, projection="3d")
+        idx = torch.randperm(len(points), generator=torch.Generator().manual_seed(0))[:max_points]
+        p, c = points[idx].numpy(), colors[idx].float().numpy() / 255
+        ax.scatter(p[:, 0], p[:, 2], -p[:, 1], c=c, s=0.6, depthshade=False)  # x right, z forward, y up
+        ax.set_xlabel("X")
+        ax.set_ylabel("Z (depth)")
+        ax.set_zlabel("-Y")
+        ax.view_init(elev=20, azim=-70)
+        ax.set_title(f"point cloud ({len(points)} points)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def infer(args):
     """Disparity, occlusion and (with a camera) a coloured point cloud of one pair."""
     from .geometry import disparity_to_points, point_mask
@@ -125,6 +163,11 @@ def infer(args):
     from .io import write_disparity_png, write_pfm, write_ply, write_probability_png
     device = _device(args.device)
     fp16 = _fp16(args, device)
+    if args.preview:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UserError("--preview needs matplotlib (pip install matplotlib)") from None
     left, right = _read_pair(args.left, args.right)
     camera = _camera(args, left.shape[1:])
     out = _out_dir(args.out)
@@ -144,6 +187,10 @@ def infer(args):
         points = disparity_to_points(disp, focal, baseline, cx=cx, cy=cy, valid=visible, doffs=doffs)
         written.append(os.path.join(out, "points.ply"))
         write_ply(written[-1], points, left[:, keep].T.contiguous())
+    if args.preview:
+        written.append(os.path.join(out, "preview.png"))
+        write_preview(written[-1], left, disp, occ, points if camera is not None else None,
+                      left[:, keep].T if camera is not None else None, args.max_disp)
     print(f"stereo infer: {left.shape[2]} x {left.shape[1]} pair in {seconds:.2f} s on {device}; disparity "
           f"{float(disp.min()):.1f} .. {float(disp.max()):.1f} px, {100 * float((~visible).float().mean()):.1f} % "
           f"occluded; wrote " + ", ".join(written))
@@ -154,6 +201,10 @@ def _dataset(args, train):
     from .datasets import open_dataset
     split = args.split or SPLITS[args.dataset][1 if train else 0]
     kwargs = {} if split is None else {"split": split}
+    if args.dataset == "synthetic":
+        if args.root is not None or args.split is not None:
+            raise UserError("--dataset synthetic makes its pairs: no --root or --split (--pairs sets how many)")
+        kwargs = {"n": args.pairs, "seed": 0 if train else 10_000}  # evaluation pairs differ from training pairs
     if args.root is None and args.dataset != "synthetic":
         raise UserError(f"--root is required for --dataset {args.dataset} (the folder that holds the dataset)")
     try:
@@ -253,12 +304,15 @@ def _parser():
     q.add_argument("--calib", help="KITTI calib_cam_to_cam.txt or Middlebury calib.txt instead of --focal/--baseline")
     q.add_argument("--max-disp", type=float, help="top of disparity.png's colour scale (default: the largest)")
     q.add_argument("--mask-occluded", action="store_true", help="paint occluded pixels black in disparity.png")
+    q.add_argument("--preview", action="store_true", help="also preview.png: image, disparity, occlusion and the "
+                                                         "point cloud in one figure (needs matplotlib)")
     q.set_defaults(run=infer)
 
     q = sub.add_parser("eval", help="EPE, D1-all, 3-px error and occlusion IoU over a dataset")
     q.add_argument("--dataset", required=True, choices=sorted(SPLITS))
     q.add_argument("--root", help="the dataset's folder (its published layout)")
     q.add_argument("--split", help="default: sceneflow test, kitti2015 training, middlebury trainingQ")
+    q.add_argument("--pairs", type=int, default=8, help="--dataset synthetic: how many pairs (default 8)")
     model_args(q)
     q.add_argument("--fp16", action="store_true", help="float16 autocast (CUDA)")
     q.add_argument("--limit", type=int, help="only the first N pairs")
@@ -270,6 +324,7 @@ def _parser():
     q.add_argument("--dataset", required=True, choices=sorted(SPLITS))
     q.add_argument("--root", help="the dataset's folder (its published layout)")
     q.add_argument("--split", help="default: sceneflow train, kitti2015 training, middlebury trainingQ")
+    q.add_argument("--pairs", type=int, default=64, help="--dataset synthetic: how many pairs (default 64)")
     q.add_argument("--out", required=True, help="folder for checkpoints and metrics.csv")
     model_args(q)
     q.add_argument("--resume", help="a checkpoint of this command: continue from its epoch")
@@ -290,7 +345,7 @@ def _parser():
 def main(argv=None):
     parser = _parser()
     args = parser.parse_args(argv)
-    for name in ("epochs", "batch_size", "max_steps", "limit"):
+    for name in ("epochs", "batch_size", "max_steps", "limit", "pairs"):
         v = getattr(args, name, None)
         if v is not None and v < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {v}")
