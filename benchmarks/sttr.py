@@ -35,7 +35,7 @@ class Case:
     preset: str = "sttr"
     stride: int = 3
     batch: int = 1
-    tokenizer_chunk_rows: int = 64  # STTRConfig's default; 0 = the full-resolution tokenizer maps (as in training)
+    chunked: bool = True  # STTRConfig's inference chunking (tokenizer rows, transformer lines, CAL rows) or none
 
 
 def presets(name):
@@ -44,9 +44,8 @@ def presets(name):
                 Case("1920x1080 s3", 1080, 1920)]
     if name == "cpu":  # the published config at 480 x 270, one inference
         return [Case("480x270 s3", 270, 480)]
-    if name == "memory":  # inference memory with and without the chunked tokenizer (run with --providers tlv_fast)
-        return [Case("960x540 s3 chunked tokenizer", 540, 960),
-                Case("960x540 s3 full-res tokenizer", 540, 960, tokenizer_chunk_rows=0)]
+    if name == "memory":  # inference memory with and without the inference chunking (run with --providers tlv_fast)
+        return [Case("960x540 s3 chunked", 540, 960), Case("960x540 s3 unchunked", 540, 960, chunked=False)]
     if name == "smoke":
         return [Case("192x128 s3 small", 128, 192, preset="small"),
                 Case("192x128 s3 small", 128, 192, "train", preset="small")]
@@ -68,8 +67,8 @@ def make_step(case, provider, dtype, device):
     training step (AdamW)."""
     torch.manual_seed(0)
     backend = "reference" if provider == "reference" else "auto"
-    model = STTR.from_preset(case.preset, backend=backend, stride=case.stride,
-                             tokenizer_chunk_rows=case.tokenizer_chunk_rows).to(device)
+    off = {} if case.chunked else dict(tokenizer_chunk_rows=0, transformer_chunk_lines=0, cal_chunk_rows=0)
+    model = STTR.from_preset(case.preset, backend=backend, stride=case.stride, **off).to(device)
     data = {k: v.to(device) for k, v in synthetic_batch(case.batch, case.H, case.W, seed=1).items()}
     left, right = STTR.preprocess(data["left"]), STTR.preprocess(data["right"])
     amp = torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)

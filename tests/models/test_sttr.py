@@ -136,25 +136,34 @@ def test_batch_of_two_equals_two_single_runs(parity):
         assert_close(both[key], torch.cat([o[key] for o in ones]), name=key)
 
 
-@pytest.mark.parametrize("chunk_rows,batch,size,stride", [(1, 1, (131, 150), 3), (7, 2, (125, 133), 3),
-                                                         (64, 1, (128, 140), 4)])
-def test_chunked_tokenizer_equals_the_full_resolution_path(chunk_rows, batch, size, stride):
-    """Without autograd the tokenizer's last stage runs in row chunks and keeps only the sampled tokens: the same
-    values as the full-resolution maps sampled afterwards (odd sizes: the centre crop; batch 2: per-pair statistics;
-    chunk 1: every halo at its edge)."""
+@pytest.mark.parametrize("chunks,batch,size,stride", [((1, 1, 1), 1, (131, 150), 3), ((7, 5, 9), 2, (125, 133), 3),
+                                                     ((64, 32, 128), 1, (128, 140), 4)])
+def test_chunked_inference_equals_the_whole_image_path(chunks, batch, size, stride):
+    """Without autograd the tokenizer's last stage runs in row chunks keeping only the sampled tokens, the
+    transformer in chunks of line pairs and the context adjustment layer in row chunks with a halo: the same values
+    as the whole-image path (odd sizes: the centre crop; batch 2: per-pair statistics; chunks of 1: every halo at
+    its edge)."""
     torch.manual_seed(0)
-    model = STTR.from_preset("tiny", stride=stride, tokenizer_chunk_rows=chunk_rows).eval()
-    full = STTR.from_preset("tiny", stride=stride, tokenizer_chunk_rows=0).eval()
-    full.load_state_dict(model.state_dict())
+    tok, lines, cal = chunks
+    model = STTR.from_preset("tiny", stride=stride, tokenizer_chunk_rows=tok, transformer_chunk_lines=lines,
+                             cal_chunk_rows=cal).eval()
+    whole = STTR.from_preset("tiny", stride=stride, tokenizer_chunk_rows=0, transformer_chunk_lines=0,
+                             cal_chunk_rows=0).eval()
+    whole.load_state_dict(model.state_dict())
     left, right, _ = _pair(batch, *size)
     with torch.no_grad():
         a = model(left, right, return_intermediates=True)
-        b = full(left, right, return_intermediates=True)
+        b = whole(left, right, return_intermediates=True)
     for key in ("tokens_left", "tokens_right", "logits", "disparity", "occlusion"):
         assert_close(a[key], b[key], name=key)
-    with torch.enable_grad():  # with autograd (training) the chunked path is not taken: nothing to compare but values
+    with torch.enable_grad():  # with autograd (training) no chunked path is taken
         c = model(left, right)
     assert_close(c["disparity"].detach(), b["disparity"], name="disparity with autograd")
+
+
+def test_chunk_settings_are_checked():
+    with pytest.raises(ValueError, match="cal_chunk_rows must be an int >= 0"):
+        STTRConfig(cal_chunk_rows=-1)
 
 
 def _patch_cost(pair, s, alpha=50.0, tau=0.2):

@@ -35,6 +35,10 @@ class STTRConfig:
     tokenizer_chunk_rows: without autograd (inference), the tokenizer's full-resolution last stage runs in chunks of
         this many image rows and keeps only the rows and columns the transformer reads (Tokenizer, sttr_features.py):
         the same outputs in a fraction of the memory. 0 computes the full-resolution maps as in training.
+    transformer_chunk_lines: without autograd, the transformer runs this many epipolar line pairs at a time through
+        all its layers (Transformer.forward); 0 runs every line at once as in training.
+    cal_chunk_rows: without autograd, the context adjustment layer runs on chunks of this many image rows (plus a
+        halo; ContextAdjustment.forward); 0 runs the whole image at once as in training.
     """
     dim: int = 128
     num_heads: int = 8
@@ -50,7 +54,9 @@ class STTRConfig:
     parity: bool = False
     gradient_checkpointing: bool = True
     backend: object = "auto"
-    tokenizer_chunk_rows: int = 64
+    tokenizer_chunk_rows: int = 32
+    transformer_chunk_lines: int = 32
+    cal_chunk_rows: int = 128
 
     def __post_init__(self):
         if self.dim % self.num_heads or self.dim % 2:
@@ -60,9 +66,10 @@ class STTRConfig:
             raise ValueError(f"STTRConfig: stride must be an int >= 1, got {self.stride!r}")
         if self.regression not in ("ot", "softmax"):
             raise ValueError(f"STTRConfig: regression must be 'ot' or 'softmax', got {self.regression!r}")
-        if not isinstance(self.tokenizer_chunk_rows, int) or self.tokenizer_chunk_rows < 0:
-            raise ValueError(f"STTRConfig: tokenizer_chunk_rows must be an int >= 0 (0: no chunking), got "
-                             f"{self.tokenizer_chunk_rows!r}")
+        for name in ("tokenizer_chunk_rows", "transformer_chunk_lines", "cal_chunk_rows"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"STTRConfig: {name} must be an int >= 0 (0: no chunking), got {value!r}")
         if self.num_layers < 1:
             raise ValueError(f"STTRConfig: num_layers must be >= 1, got {self.num_layers}")
         check_backend(self, ("relpos_attention", "optimal_transport"))
@@ -128,8 +135,16 @@ class Transformer(nn.Module):
             return checkpoint(layer, *args, use_reentrant=False)
         return layer(*args)
 
-    def forward(self, feat, pos_scale):
-        """feat (2R, W', C), left lines then right lines -> head-summed logits of the last layer (R, W', W')."""
+    def forward(self, feat, pos_scale, chunk_lines=0):
+        """feat (2R, W', C), left lines then right lines -> head-summed logits of the last layer (R, W', W').
+
+        chunk_lines > 0 (inference): every layer only mixes tokens of one line (self attention) or of one line pair
+        (cross attention), so the lines go through all the layers a chunk of pairs at a time: the same values with
+        the activations of chunk_lines pairs alive instead of all R."""
+        r = feat.shape[0] // 2
+        if 0 < chunk_lines < r:
+            bounds = [(a, min(a + chunk_lines, r)) for a in range(0, r, chunk_lines)]
+            return torch.cat([self(torch.cat([feat[a:b], feat[r + a:r + b]]), pos_scale) for a, b in bounds])
         last = len(self.self_attn_layers) - 1
         for i, (self_layer, cross_layer) in enumerate(zip(self.self_attn_layers, self.cross_attn_layers)):
             feat = self._run(self_layer, feat, pos_scale)
@@ -223,7 +238,8 @@ class STTR(Presets, nn.Module):
             tokens = self.tokenizer(feats).index_select(2, rows).index_select(3, cols)
         del feats
         feat = tokens.permute(0, 2, 3, 1).reshape(2 * B * h, w, cfg.dim)  # lines: left (b, y), then right
-        logits = self.transformer(feat, scale).view(B, h, w, w)
+        chunk = cfg.transformer_chunk_lines if not torch.is_grad_enabled() else 0
+        logits = self.transformer(feat, scale, chunk).view(B, h, w, w)
 
         occ_tokens = None
         if occ_mask is not None and cfg.parity:

@@ -185,19 +185,25 @@ class _PairStats:
         return t.reshape(2, self.groups, c, -1).transpose(0, 1)
 
     def add(self, t):
-        g = self._grouped(t.double())
-        self.s += g.sum((1, 3))
-        self.ss += (g * g).sum((1, 3))
-        self.count += g.shape[1] * g.shape[3]
+        for c in range(t.shape[1]):  # a channel at a time: no float64 copy of the whole map
+            g = self._grouped(t[:, c:c + 1]).double()
+            self.s[:, c] += g.sum((1, 2, 3))
+            self.ss[:, c] += (g * g).sum((1, 2, 3))
+        self.count += t.shape[0] // self.groups * t[0, 0].numel()
 
-    def normalize(self, t, bn):
-        """What bn (a StereoBatchNorm2d in training-mode statistics) gives for t, with the accumulated statistics."""
+    def normalize(self, t, bn, out=None):
+        """What bn (a StereoBatchNorm2d in training-mode statistics) gives for t, with the accumulated statistics;
+        out=t normalises in place."""
         mean = self.s / self.count
         var = (self.ss / self.count - mean * mean).clamp_min(0)  # biased, as batch_norm normalises with
         scale = bn.weight.double() / torch.sqrt(var + bn.eps)  # (G, C)
         shift = bn.bias.double() - mean * scale
-        g = self._grouped(t)
-        y = g * scale[:, None, :, None].to(t.dtype) + shift[:, None, :, None].to(t.dtype)
+        scale, shift = scale[:, None, :, None].to(t.dtype), shift[:, None, :, None].to(t.dtype)
+        if out is not None:  # (G, N / G, C, h * W) views of t
+            g = self._grouped(t)
+            g.mul_(scale).add_(shift)
+            return t
+        y = self._grouped(t) * scale + shift
         if self.groups > 1:
             y = y.transpose(0, 1)
         return y.reshape(t.shape)
@@ -225,7 +231,10 @@ def _sampled_last_stage(up, block, out, x, rows, cols, chunk_rows):
         raise ValueError(f"Tokenizer: chunk_rows must be >= 1, got {chunk_rows}")
     ct1, bn_mid, ct2 = up.convTrans  # the x4 TransitionUp
     conv1, bn1, _, conv2, bn2, _ = block.double_conv
-    half = bn_mid(ct1(out))  # (N, C, Ha, Wa): 1/2 resolution
+    half = ct1(out)  # (N, C, Ha, Wa): 1/2 resolution, normalised in place (one map of this size alive, not two)
+    stats = _PairStats(half.shape[0], half.shape[1], half.device)
+    stats.add(half)
+    half = stats.normalize(half, bn_mid, out=half)
     n, _, H, W = x.shape
     Ha, Wa = half.shape[2:]
     top, left = ((2 * Ha + 1) - H) // 2, ((2 * Wa + 1) - W) // 2  # TransitionUp's centre crop
@@ -300,9 +309,29 @@ class ContextAdjustment(nn.Module):
                                       WNConv2d(feat_dim, feat_dim), WNConv2d(feat_dim, feat_dim),
                                       nn.ReLU(inplace=True), nn.Conv2d(feat_dim, 1, 3, padding=1), nn.Sigmoid())
 
-    def forward(self, disp, occ, img):
-        """disp, occ (B, 1, H, W) normalised; img (B, 3, H, W) -> (disp + residual, occlusion probability)."""
+    def forward(self, disp, occ, img, chunk_rows=0):
+        """disp, occ (B, 1, H, W) normalised; img (B, 3, H, W) -> (disp + residual, occlusion probability).
+
+        chunk_rows > 0 (inference): rows are computed chunk by chunk, each from its rows plus a halo as deep as the
+        branch has 3x3 convolutions (padding 1: a wrong edge row reaches one row further per layer), so the values
+        equal the whole-image pass (there are no normalisation layers) with the full-resolution feature maps of one
+        chunk alive."""
+        H = disp.shape[2]
+        if not 0 < chunk_rows < H:
+            return self._disp(disp, img), self.occ_head(torch.cat([occ, img], 1))
+        halo = {"disp": 2 + 2 * len(self.layers),
+                "occ": sum(isinstance(m, (WNConv2d, nn.Conv2d)) for m in self.occ_head)}
+        outs = {"disp": [], "occ": []}
+        for y0 in range(0, H, chunk_rows):
+            y1 = min(y0 + chunk_rows, H)
+            for key, fn in (("disp", lambda a, b: self._disp(disp[:, :, a:b], img[:, :, a:b])),
+                            ("occ", lambda a, b: self.occ_head(torch.cat([occ[:, :, a:b], img[:, :, a:b]], 1)))):
+                a, b = max(y0 - halo[key], 0), min(y1 + halo[key], H)
+                outs[key].append(fn(a, b)[:, :, y0 - a:y1 - a])
+        return torch.cat(outs["disp"], 2), torch.cat(outs["occ"], 2)
+
+    def _disp(self, disp, img):
         feat = self.in_conv(torch.cat([disp, img], 1))
         for layer in self.layers:
             feat = layer(feat, disp)
-        return disp + self.out_conv(feat), self.occ_head(torch.cat([occ, img], 1))
+        return disp + self.out_conv(feat)

@@ -65,7 +65,8 @@ class RegressionHead(nn.Module):
         if self.cal is not None:
             mean = disp.mean((1, 2, 3), keepdim=True)  # per image (the published code pools the whole batch)
             std = disp.std((1, 2, 3), keepdim=True) + 1e-6
-            disp_n, occ = self.cal((disp - mean) / std, (occ - 0.5) / 0.5, left)
+            chunk = self.cfg.cal_chunk_rows if not torch.is_grad_enabled() else 0
+            disp_n, occ = self.cal((disp - mean) / std, (occ - 0.5) / 0.5, left, chunk)
             disp = disp_n * std + mean
         return {"disparity": disp[:, 0], "occlusion": occ[:, 0], "disparity_low_res": disp_low, "transport": plan,
                 "disparity_raw": d_raw, "window_mass": mass, "occlusion_low_res": occ_raw}
