@@ -15,7 +15,10 @@
 
 #include <algorithm>
 #include <cmath>
+#include <iterator>
 #include <mutex>
+#include <stdexcept>
+#include <string>
 #include <type_traits>
 
 #include "sinkhorn.h"
@@ -48,6 +51,7 @@ template <typename T> __device__ __forceinline__ T from_acc(double x) { return s
 // on [0, 1] with p(0) = 1 exactly (a Remez fit, coefficients rounded to fp32): 1.5e-7 relative as evaluated in fp32,
 // the accuracy of MUFU.EX2. x is clamped to [kExp2Lo, kExp2Hi] (-inf -> 2^-127 * p(0) -> exactly +0; x > 127: the
 // one-pass sum leaves its range and is recomputed exactly); floor(x) + kExp2Magic by an add rounded toward -inf.
+// NaN in, NaN out (as MUFU.EX2): a NaN score poisons its sums whichever unit its column's exponential runs on.
 constexpr float kExp2C1 = 0.6931512951850891f;
 constexpr float kExp2C2 = 0.24016444385051727f;
 constexpr float kExp2C3 = 0.05579991266131401f;
@@ -58,19 +62,24 @@ constexpr float kExp2Hi = 127.0f;
 constexpr float kExp2Magic = 12582912.0f;  // 1.5 * 2^23: floor(x) sits in the low mantissa bits
 // ---- end of the exp2 constants ----
 
-// 2^x, 11 instructions, none on the special-function unit: 2 FMNMX, FADD.RM, 2 FADD, 5 FFMA and one LEA that adds
-// floor(x) to the exponent field (the low 9 bits of t's mantissa hold floor(x) in two's complement; << 23 moves them
-// onto the exponent). x in (-127, -126) gives a value below 2^-126 (a subnormal pattern, 0 for flush-to-zero math).
+// 2^x, none on the special-function unit: the clamp (2 compare-selects that keep a NaN: fmaxf would turn it into
+// kExp2Lo, a 0 term), FADD.RM, 2 FADD, 5 FFMA, one LEA that adds floor(x) to the exponent field (the low 9 bits of
+// t's mantissa hold floor(x) in two's complement; << 23 moves them onto the exponent; unsigned, modulo 2^32) and a
+// last FFMA f * 0 + y: exactly y for f in [0, 1], NaN for a NaN x (the integer add alone would not keep the NaN). A
+// select on x != x instead keeps x live to the end: ptxas then spilled in the resident NCH = 8 kernels.
+// x in (-127, -126) gives a value below 2^-126 (a subnormal pattern, 0 for flush-to-zero math).
 __device__ __forceinline__ float exp2_poly(float x) {
-  x = fminf(fmaxf(x, kExp2Lo), kExp2Hi);
-  const float t = __fadd_rd(x, kExp2Magic);
-  const float f = x - (t - kExp2Magic);  // exact: x - floor(x) in [0, 1]
+  float xc = x < kExp2Lo ? kExp2Lo : x;  // NaN stays NaN
+  xc = xc > kExp2Hi ? kExp2Hi : xc;
+  const float t = __fadd_rd(xc, kExp2Magic);
+  const float f = xc - (t - kExp2Magic);  // exact: xc - floor(xc) in [0, 1] (NaN for NaN)
   float q = fmaf(f, kExp2C5, kExp2C4);
   q = fmaf(f, q, kExp2C3);
   q = fmaf(f, q, kExp2C2);
   q = fmaf(f, q, kExp2C1);
   q = fmaf(f, q, 1.0f);
-  return __int_as_float(__float_as_int(q) + (__float_as_int(t) << 23));
+  const float y = __uint_as_float(__float_as_uint(q) + (__float_as_uint(t) << 23));
+  return fmaf(f, 0.0f, y);
 }
 // 2^x on the special-function unit: MUFU.EX2 alone (flush-to-zero: no range fix-up instructions); 2^-inf = 0
 __device__ __forceinline__ float exp2_mufu(float x) {
@@ -199,22 +208,30 @@ template <int B, int E, typename F> __device__ __forceinline__ void static_for(F
 }
 
 template <typename A>
-struct FwdShared {  // layout of the dynamic shared memory (accumulation-type arrays, then the slab)
-  // per column: potential v, log nu, shift (log2 LSE of the last column update; +inf before the first, -inf for a
-  // column without a finite score), this CTA's partial (sum or max, read by the peers), exact maximum (log2)
-  A *v, *lnu, *csh, *cpart, *gmax;
+struct FwdShared {  // layout of the dynamic shared memory (accumulation-type arrays, then the slab when resident)
+  // per column: potential v, shift (log2 LSE of the last column update; +inf before the first, -inf for a column
+  // without a finite score), this CTA's partial (sum or max, read by the peers), exact maximum (log2); log nu
+  A *v, *csh, *cpart, *gmax, *lnu;
   A *u, *lmu, *rsh;  // per row: potential u, log mu, shift (as csh)
   A *part;           // kHalfWarps x (32 nch): the cross-warp combine of column partials
-  __device__ FwdShared(unsigned char* base, const Geometry& g) {
+  // streaming (not resident), one CTA holds every row: log mu and log nu are read from their inputs and the row shift
+  // of iteration t - 1 waits in u_t's slot of the output us until row update t replaces it (lnu, lmu, rsh: null), so
+  // that shared memory holds 4 Na + Ma + 256 nch values (the slab, its tail and those 2 Ma + Na stay out)
+  __device__ FwdShared(unsigned char* base, const Geometry& g, bool resident) {
     A* p = reinterpret_cast<A*>(base);
-    v = p; lnu = v + g.Na; csh = lnu + g.Na; cpart = csh + g.Na; gmax = cpart + g.Na;
-    u = gmax + g.Na; lmu = u + g.rows; rsh = lmu + g.rows; part = rsh + g.rows;
+    const int na = resident ? g.Na : 0, nr = resident ? g.rows : 0;
+    v = p; csh = v + g.Na; cpart = csh + g.Na; gmax = cpart + g.Na; u = gmax + g.Na; part = u + g.rows;
+    lnu = part + kHalfWarps * 32 * g.nch; lmu = lnu + na; rsh = lmu + nr;
+    if (!resident) lnu = lmu = rsh = nullptr;
   }
-  static __host__ __device__ size_t bytes(const Geometry& g) {
-    return align16((5 * g.Na + 3 * g.rows + kHalfWarps * 32 * g.nch) * sizeof(A));
+  static __host__ __device__ size_t bytes(const Geometry& g, bool resident) {
+    const size_t n = 4 * static_cast<size_t>(g.Na) + g.rows + static_cast<size_t>(kHalfWarps) * 32 * g.nch;
+    return align16((n + (resident ? g.Na + 2 * static_cast<size_t>(g.rows) : 0)) * sizeof(A));
   }
-  // after the slab: room for the reads of the last row's lanes past column Na - 1 (< 32 nch elements)
-  static __host__ __device__ size_t tail_bytes(const Geometry& g) { return align16(32 * g.nch * sizeof(A)); }
+  // after a resident slab of T: room for the reads of the last row's lanes past column Na - 1 (< 32 nch elements)
+  template <typename T> static __host__ __device__ size_t tail_bytes(const Geometry& g, bool resident) {
+    return resident ? align16(32 * static_cast<size_t>(g.nch) * sizeof(T)) : 0;
+  }
 };
 
 template <typename T, bool RESIDENT, int NCH>
@@ -230,8 +247,8 @@ __global__ void __launch_bounds__(kThreads) sinkhorn_fwd_kernel(SinkhornProblem 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   constexpr int GW = 32 * NCH;  // columns per group
   const int ngroups = (Na + GW - 1) / GW;
-  FwdShared<A> sh(smem, g);
-  T* slab = reinterpret_cast<T*>(smem + FwdShared<A>::bytes(g));
+  FwdShared<A> sh(smem, g, RESIDENT);
+  T* slab = reinterpret_cast<T*>(smem + FwdShared<A>::bytes(g, RESIDENT));
   const T* src = static_cast<const T*>(p.scores) + b * p.s0;
   const A bin = p.bin ? *static_cast<const A*>(p.bin) : A(0);
   if (RESIDENT) {
@@ -247,15 +264,20 @@ __global__ void __launch_bounds__(kThreads) sinkhorn_fwd_kernel(SinkhornProblem 
   A* vs = static_cast<A*>(vs_) + b * (p.iters + 1) * Na;
   for (int j = threadIdx.x; j < Na; j += kThreads) {
     sh.v[j] = 0;
-    sh.lnu[j] = log_nu[j * p.nu1];
     sh.csh[j] = pos_inf<A>();
+    if (RESIDENT) sh.lnu[j] = log_nu[j * p.nu1];
   }
   for (int i = threadIdx.x; i < nr; i += kThreads) {
     sh.u[i] = 0;
-    sh.lmu[i] = log_mu[(r0 + i) * p.mu1];
-    sh.rsh[i] = pos_inf<A>();
+    if (RESIDENT) {
+      sh.lmu[i] = log_mu[(r0 + i) * p.mu1];
+      sh.rsh[i] = pos_inf<A>();
+    }
   }
   __syncthreads();
+  // log mu, log nu of the slab's row il, column j (streaming: from the inputs; r0 = 0)
+  auto lmu_at = [&](int il) -> A { return RESIDENT ? sh.lmu[il] : log_mu[(r0 + il) * p.mu1]; };
+  auto lnu_at = [&](int j) -> A { return RESIDENT ? sh.lnu[j] : log_nu[j * p.nu1]; };
 
   // ---- row update: u_i = log_mu_i - LSE_j(S_ij + v_j); a warp per row, lane l: columns jg + l + 32 c ----------
   A vr[NCH];  // log2 e * v_j of the lane's columns in the current group (-inf past Na - 1)
@@ -296,14 +318,15 @@ __global__ void __launch_bounds__(kThreads) sinkhorn_fwd_kernel(SinkhornProblem 
   auto row_update = [&](int t) {
     if (ngroups == 1) load_v(0);
     for (int il = warp; il < nr; il += kWarps) {
-      A shift = sh.rsh[il];  // warp-uniform
+      // warp-uniform; streaming: u_t's slot holds the shift of iteration t - 1 (written below by this warp)
+      A shift = RESIDENT ? sh.rsh[il] : (t == 1 ? pos_inf<A>() : us[t * Ma + r0 + il]);
       A ui = 0;
       if (shift != neg_inf<A>()) {  // -inf: a row without a finite score keeps u = 0
         A s = 0;
         bool ok = false;
         if (shift != pos_inf<A>()) {  // one pass with the previous LSE as the shift
           s = row_sum(il, shift);
-          ok = s >= kSumLo<A> && s <= kSumHi<A>;
+          ok = !(s < kSumLo<A> || s > kSumHi<A>);  // NaN (a NaN score or potential): kept, as the reference
         }
         if (!ok) {  // first iteration, or the shift drifted: exact maximum, then the sum
           shift = row_max(il);
@@ -311,14 +334,18 @@ __global__ void __launch_bounds__(kThreads) sinkhorn_fwd_kernel(SinkhornProblem 
         }
         if (shift != neg_inf<A>()) {
           shift += log2_(s);  // log2 LSE: the next iteration's shift
-          ui = sh.lmu[il] - LN2 * shift;
+          ui = lmu_at(il) - LN2 * shift;
         }
       }
       __syncwarp();
       if (lane == 0) {
         sh.u[il] = ui;
-        sh.rsh[il] = shift;
         us[t * Ma + r0 + il] = ui;
+        if (RESIDENT) {
+          sh.rsh[il] = shift;
+        } else if (t < p.iters) {
+          us[(t + 1) * Ma + r0 + il] = shift;  // read back (then overwritten by u_{t+1}) by row update t + 1
+        }
       }
     }
     __syncthreads();
@@ -383,7 +410,7 @@ __global__ void __launch_bounds__(kThreads) sinkhorn_fwd_kernel(SinkhornProblem 
     A vj = 0;
     if (shift != neg_inf<A>()) {
       shift += log2_(s);
-      vj = sh.lnu[j] - LN2 * shift;
+      vj = lnu_at(j) - LN2 * shift;
     }
     sh.v[j] = vj;
     sh.csh[j] = shift;
@@ -399,7 +426,7 @@ __global__ void __launch_bounds__(kThreads) sinkhorn_fwd_kernel(SinkhornProblem 
         A s = 0;
         for (unsigned r = 0; r < csize; ++r) s += peer(sh.cpart, r)[j];
         const A shift = sh.csh[j];
-        if (shift == neg_inf<A>() || (s >= kSumLo<A> && s <= kSumHi<A>)) {
+        if (shift == neg_inf<A>() || !(s < kSumLo<A> || s > kSumHi<A>)) {  // NaN: kept, as in the row update
           set_v(t, j, shift, s);  // overwritten below if another column needs the exact pass
         } else {
           bad = true;
@@ -699,21 +726,6 @@ size_t elt_size(Dtype d) {
   }
 }
 
-// smallest cluster whose slabs fit in shared memory; cluster 0: stream from global memory
-template <typename Bytes>
-LaunchInfo plan(const SinkhornProblem& p, const DeviceLimits& d, int nch, Bytes aux_bytes) {
-  const int Ma = static_cast<int>(p.M) + (p.bin != nullptr), Na = static_cast<int>(p.N) + (p.bin != nullptr);
-  const int max_cluster = d.major >= 9 ? kMaxCluster : 1;
-  for (int c = 1; c <= max_cluster; c *= 2) {
-    const int rows = (Ma + c - 1) / c;
-    if (c > 1 && rows * (c - 1) >= Ma) break;  // a CTA would hold no row
-    const size_t bytes =
-        aux_bytes(Geometry{Ma, Na, rows, nch}, true) + static_cast<size_t>(rows) * Na * elt_size(p.dtype);
-    if (bytes <= static_cast<size_t>(d.smem_optin)) return {c, bytes};
-  }
-  return {0, aux_bytes(Geometry{Ma, Na, Ma, nch}, false)};
-}
-
 // forward: the 32-column chunks per lane (a template parameter: registers) for Na columns; wider rows loop over
 // column groups of 32 * 16
 constexpr int kChunkChoices[] = {4, 8, 11, 16};
@@ -722,6 +734,52 @@ int chunks_for(int Na) {
     if (32 * c >= Na) return c;
   }
   return 16;
+}
+
+// the error for a problem whose streaming layout (the smallest) exceeds the opt-in shared memory: an exception, so
+// that the message can name the shape (the binding, ./sinkhorn_cuda.cpp, turns a cudaError_t into a bare
+// "invalid argument"); std::runtime_error reaches Python as RuntimeError, as a TORCH_CHECK would
+[[noreturn]] void too_large(const SinkhornProblem& p, const char* pass, size_t need, int optin) {
+  throw std::runtime_error(
+      std::string("sinkhorn (CUDA) ") + pass + ": scores of shape (" + std::to_string(p.B) + ", " +
+      std::to_string(p.M) + ", " + std::to_string(p.N) + ")" + (p.bin ? " plus dustbins" : "") + " need " +
+      std::to_string(need) + " bytes of shared memory per block even when streamed from global memory (row and " +
+      "column potentials), over this device's limit of " + std::to_string(optin) +
+      " bytes (cudaDevAttrMaxSharedMemoryPerBlockOptin); use the reference backend for a problem this large");
+}
+
+// Smallest cluster whose slabs fit in shared memory; cluster 0: stream from global memory. *nch: the forward's chunk
+// count (0 for the backward), the one the resident layouts use; streaming tries it, then the smaller kChunkChoices
+// (any count works for any width: column groups), and sets *nch to the one that fits. None fits: too_large.
+// Streaming sizes checked by hand against the 232,448 B opt-in of sm_90 (forward 4 Na + Ma + 256 nch values,
+// FwdShared::bytes; previously 5 Na + 2 Ma): fp32 7000 x 7000: 156,384 B; fp32 20000 x 64: 85,120 B; fp64 9000 x 200:
+// 86,592 B; fp32/fp16/bf16 square: up to 10803 (nch 16; 11417 with nch 4; 8301 before); fp32 1 x N up to 14271
+// (nch 4); M x 1 up to 57084; fp64 square up to 5606 (4150 before). Every shape the previous layout fitted
+// ((5 Na + 2 Ma) sizeof(A) <= limit) still fits: the new count is smaller once Na + Ma >= 1024 (nch 4) and tiny
+// below. The backward (6 Na + 4 Ma values when streaming) is unchanged: square fp32 up to 5811.
+template <typename Bytes>
+LaunchInfo plan(const SinkhornProblem& p, const DeviceLimits& d, int* nch, const char* pass, Bytes aux_bytes) {
+  const int Ma = static_cast<int>(p.M) + (p.bin != nullptr), Na = static_cast<int>(p.N) + (p.bin != nullptr);
+  const int max_cluster = d.major >= 9 ? kMaxCluster : 1;
+  const size_t optin = static_cast<size_t>(std::max(d.smem_optin, 0));
+  for (int c = 1; c <= max_cluster; c *= 2) {
+    const int rows = (Ma + c - 1) / c;
+    if (c > 1 && rows * (c - 1) >= Ma) break;  // a CTA would hold no row
+    const size_t bytes =
+        aux_bytes(Geometry{Ma, Na, rows, *nch}, true) + static_cast<size_t>(rows) * Na * elt_size(p.dtype);
+    if (bytes <= optin) return {c, bytes};
+  }
+  size_t bytes = aux_bytes(Geometry{Ma, Na, Ma, *nch}, false);
+  for (int i = static_cast<int>(std::size(kChunkChoices)) - 1; i >= 0 && bytes > optin; --i) {
+    if (kChunkChoices[i] >= *nch) continue;  // only narrower than the preferred count (none for the backward)
+    const size_t b = aux_bytes(Geometry{Ma, Na, Ma, kChunkChoices[i]}, false);
+    if (b < bytes) {
+      bytes = b;
+      *nch = kChunkChoices[i];
+    }
+  }
+  if (bytes > optin) too_large(p, pass, bytes, d.smem_optin);
+  return {0, bytes};
 }
 
 template <typename Kernel, typename... Args>
@@ -751,22 +809,35 @@ template <typename T>
 cudaError_t forward_t(const SinkhornProblem& p, void* out, void* us, void* vs, cudaStream_t stream, LaunchInfo* info) {
   using A = typename AccOf<T>::type;
   const int Ma = static_cast<int>(p.M) + (p.bin != nullptr), Na = static_cast<int>(p.N) + (p.bin != nullptr);
-  const int nch = std::is_same<T, double>::value ? 4 : chunks_for(Na);
-  const LaunchInfo li = plan(p, limits(), nch, [](const Geometry& g, bool) {
-    return FwdShared<A>::bytes(g) + FwdShared<A>::tail_bytes(g);
-  });
+  int nch = std::is_same<T, double>::value ? 4 : chunks_for(Na);  // plan may lower it (streaming)
+  const auto aux = [](const Geometry& g, bool resident) {
+    return FwdShared<A>::bytes(g, resident) + FwdShared<A>::template tail_bytes<T>(g, resident);
+  };
+  const LaunchInfo li = plan(p, limits(), &nch, "forward", aux);
   if (info) *info = li;
   const int c = std::max(li.cluster, 1);
   const Geometry g{Ma, Na, li.cluster ? (Ma + c - 1) / c : Ma, nch};
-  auto run = [&](auto kernel) { return launch(kernel, li, p.B, stream, p, g, static_cast<T*>(out), us, vs); };
+  // the kernel's NCH, the layout's g.nch and the planned size must agree (the shared arrays are sized by g.nch, the
+  // kernel indexes them by NCH): checked on the host at every launch
+  const size_t need = aux(g, li.cluster != 0) + (li.cluster ? static_cast<size_t>(g.rows) * Na * sizeof(T) : 0);
+  auto run = [&](auto nch_tag) -> cudaError_t {
+    constexpr int K = decltype(nch_tag)::value;
+    if (K != g.nch || need != li.smem) {
+      throw std::logic_error("sinkhorn (CUDA) forward: internal error: kernel NCH " + std::to_string(K) +
+                             ", planned NCH " + std::to_string(g.nch) + ", planned " + std::to_string(li.smem) +
+                             " bytes of shared memory, layout " + std::to_string(need));
+    }
+    return li.cluster ? launch(sinkhorn_fwd_kernel<T, true, K>, li, p.B, stream, p, g, static_cast<T*>(out), us, vs)
+                      : launch(sinkhorn_fwd_kernel<T, false, K>, li, p.B, stream, p, g, static_cast<T*>(out), us, vs);
+  };
   if constexpr (std::is_same<T, double>::value) {  // the float64 path: one width (column groups beyond 128)
-    return li.cluster ? run(sinkhorn_fwd_kernel<T, true, 4>) : run(sinkhorn_fwd_kernel<T, false, 4>);
+    return run(std::integral_constant<int, 4>{});
   } else {
     switch (nch) {
-      case 4: return li.cluster ? run(sinkhorn_fwd_kernel<T, true, 4>) : run(sinkhorn_fwd_kernel<T, false, 4>);
-      case 8: return li.cluster ? run(sinkhorn_fwd_kernel<T, true, 8>) : run(sinkhorn_fwd_kernel<T, false, 8>);
-      case 11: return li.cluster ? run(sinkhorn_fwd_kernel<T, true, 11>) : run(sinkhorn_fwd_kernel<T, false, 11>);
-      default: return li.cluster ? run(sinkhorn_fwd_kernel<T, true, 16>) : run(sinkhorn_fwd_kernel<T, false, 16>);
+      case 4: return run(std::integral_constant<int, 4>{});
+      case 8: return run(std::integral_constant<int, 8>{});
+      case 11: return run(std::integral_constant<int, 11>{});
+      default: return run(std::integral_constant<int, 16>{});  // another count fails the check in run
     }
   }
 }
@@ -777,7 +848,8 @@ cudaError_t backward_t(const SinkhornProblem& p, const void* grad, int64_t g0, i
                        void* d_bin, void* scratch, cudaStream_t stream, LaunchInfo* info) {
   using A = typename AccOf<T>::type;
   const int iters = p.iters;
-  const LaunchInfo li = plan(p, limits(), 0, [iters](const Geometry& g, bool resident) {
+  int nch = 0;  // no register chunks in the backward
+  const LaunchInfo li = plan(p, limits(), &nch, "backward", [iters](const Geometry& g, bool resident) {
     return BwdShared<A>::bytes(g, iters, resident);
   });
   if (info) *info = li;

@@ -41,9 +41,10 @@ def fma32(a, b, c):
 
 
 def exp2_poly(x):
-    """exp2_poly of sinkhorn.cu, operation by operation in float32."""
-    x = np.asarray(x, F32)
-    x = np.minimum(np.maximum(x, C["kExp2Lo"]), C["kExp2Hi"])        # fmaxf then fminf (-inf -> kExp2Lo)
+    """exp2_poly of sinkhorn.cu, operation by operation in float32 (the exponent add in uint32, modulo 2^32)."""
+    x0 = np.asarray(x, F32)
+    x = np.where(x0 < C["kExp2Lo"], C["kExp2Lo"], x0)                 # x < lo ? lo : x (NaN stays NaN)
+    x = np.where(x > C["kExp2Hi"], C["kExp2Hi"], x).astype(F32)       # x > hi ? hi : x
     t = (np.floor(x.astype(np.float64)) + float(C["kExp2Magic"])).astype(F32)  # __fadd_rd: exact floor + magic
     f = (x - (t - C["kExp2Magic"])).astype(F32)                       # two float32 subtractions
     q = fma32(f, C["kExp2C5"], C["kExp2C4"])
@@ -51,7 +52,8 @@ def exp2_poly(x):
         q = fma32(f, q, C[k])
     q = fma32(f, q, F32(1.0))
     bits = (q.view(np.uint32).astype(np.uint64) + (t.view(np.uint32).astype(np.uint64) << 23)) & 0xFFFFFFFF
-    return bits.astype(np.uint32).view(F32)
+    y = bits.astype(np.uint32).view(F32)
+    return fma32(f, F32(0), y)                                        # f * 0 + y: y exactly, NaN for a NaN x
 
 
 def exp2_mufu(x):
@@ -84,6 +86,17 @@ def test_exp2_poly_underflow_and_overflow():
     assert (tiny >= 0).all() and (tiny < F32(2.0 ** -126)).all()  # below the normal range: 0 under flush-to-zero
     big = exp2_poly(np.array([127.0, 128.0, 1e6, np.inf], dtype=F32))
     assert np.isfinite(big).all() and (big > SUM_HI).all()  # clamped to 2^127: the one-pass sum falls back
+
+
+def test_exp2_poly_propagates_nan_as_mufu():
+    nan = np.array([np.nan, -np.nan, np.float32(np.nan) * F32(-1)], dtype=F32)
+    assert np.isnan(exp2_poly(nan)).all() and np.isnan(exp2_mufu(nan)).all()
+    # the clamp alone (fmaxf returns the other operand) would make a NaN term an exact 0 on the polynomial columns:
+    # the kernel clamps by compare-selects that keep a NaN and ends with f * 0 + y (NaN in f, NaN out); the exponent
+    # add is unsigned (no signed-shift overflow)
+    body = re.search(r"float exp2_poly\(float x\) \{(.*?)\n\}", SOURCE, re.S).group(1)
+    assert "x < kExp2Lo ? kExp2Lo : x" in body and "fmaxf" not in body and "return fmaf(f, 0.0f, y);" in body
+    assert "__float_as_int" not in body and "__float_as_uint(t) << 23" in body
 
 
 def test_the_constants_parse_and_the_shared_limits():
@@ -129,10 +142,10 @@ class Emulated:
             s, ok = F32(0), False
             if shift != np.inf:
                 s = self._lse(arg[i], shift, self.poly_col, 0)
-                ok = SUM_LO <= s <= SUM_HI
+                ok = not (s < SUM_LO or s > SUM_HI)  # a NaN sum is kept (NaN potential), as the kernel
             if not ok:
                 self.fallbacks += shift != np.inf
-                shift = arg[i].max()
+                shift = np.fmax.reduce(arg[i], initial=-np.inf)  # fmax from -inf: NaN ignored, as the kernel
                 if shift != -np.inf:
                     s = self._lse(arg[i], shift, self.poly_col, 0)
             if shift == -np.inf:
@@ -150,12 +163,12 @@ class Emulated:
             ns = np.where(np.isfinite(self.csh), -self.csh, F32(0)).astype(F32)
             x = (fma32(self.S, LOG2E, ns[None, :]) + u2).astype(F32)  # fma(S, L, -shift) + u2
             s = self.exp2(x, self.poly_col[None, :]).astype(np.float64).sum(0).astype(F32)
-            ok = empty | ((s >= SUM_LO) & (s <= SUM_HI))
+            ok = empty | ~((s < SUM_LO) | (s > SUM_HI))
             exact = not ok.all()
             self.fallbacks += exact
             shift = self.csh
         if exact:
-            shift = (fma32(self.S, LOG2E, u2)).max(0).astype(F32)
+            shift = np.fmax.reduce(fma32(self.S, LOG2E, u2), axis=0, initial=-np.inf).astype(F32)
             ns = np.where(shift == -np.inf, F32(0), -shift).astype(F32)
             x = (fma32(self.S, LOG2E, ns[None, :]) + u2).astype(F32)
             s = self.exp2(x, self.poly_col[None, :]).astype(np.float64).sum(0).astype(F32)
@@ -222,3 +235,36 @@ def test_potentials_that_move_far_take_the_exact_pass(order):
     S = torch.tensor([[0.0, inf, inf], [inf, 0.0, inf], [inf, inf, 0.5]])
     em = _compare(S, torch.tensor([0.0, -100.0, -1.0]), torch.tensor([-100.0, 0.0, -1.0]), 8, order)
     assert em.fallbacks > 0
+
+
+@pytest.mark.parametrize("order", ["col_first", "row_first"])
+@pytest.mark.parametrize("col", [5, 100], ids=["mufu_column", "poly_column"])
+def test_a_nan_score_gives_nan_potentials_on_every_column(order, col, monkeypatch):
+    # as the reference: one NaN score makes every potential, and so the whole plan, NaN, whichever exponential unit
+    # its column uses (110 columns: NCH 4, column 100 is in chunk 3, the polynomial one; column 5 in chunk 0, MUFU)
+    m, n = 9, 110
+    assert _chunks(n) == 4 and POLY_PERIOD == 4
+    g = torch.Generator().manual_seed(col)
+    S = 2.0 * torch.randn(m, n, generator=g)
+    S[3, col] = float("nan")
+    lmu = torch.log_softmax(torch.randn(m, generator=g), -1)
+    lnu = torch.log_softmax(torch.randn(n, generator=g), -1)
+    em = Emulated(S.numpy(), lmu.numpy(), lnu.numpy())
+    assert em.poly_col[col] == (col == 100)
+    for iters in (1, 3):
+        em = Emulated(S.numpy(), lmu.numpy(), lnu.numpy())
+        with np.errstate(invalid="ignore"):
+            got = em.run(iters, order == "col_first")
+        want = reference.sinkhorn(S.double(), lmu.double(), lnu.double(), iters, order)
+        assert torch.isnan(want).all() and np.isnan(got).all(), (iters, np.isnan(got).mean())
+        if iters > 1:  # (after one col_first iteration only v of the NaN column is NaN, as in the reference)
+            assert np.isnan(em.u).all() and np.isnan(em.v).all() and np.isnan(em.rsh).all() and np.isnan(em.csh).all()
+    if col == 100:  # the test tells: without the select, the polynomial column's NaN term is 0 and nothing is NaN
+        poly = exp2_poly
+        monkeypatch.setitem(globals(), "exp2_poly",  # the kernel before: fmaxf clamped a NaN to kExp2Lo, a 0 term
+                            lambda x: poly(np.fmax(np.asarray(x, F32), C["kExp2Lo"])))
+        em = Emulated(S.numpy(), lmu.numpy(), lnu.numpy())
+        with np.errstate(invalid="ignore"):
+            got = em.run(3, order == "col_first")
+        assert not np.isnan(got).all()
+
