@@ -169,13 +169,14 @@ class Tokenizer(nn.Module):
 
 
 class _PairStats:
-    """Sums and sums of squares per (group, channel) in float64, the groups being StereoBatchNorm2d's: the whole batch
-    for one pair, each pair (left i, right i) otherwise."""
+    """Count, mean and sum of squared deviations per (group, channel), merged over chunks in float64 (Chan et al.'s
+    pairwise update), the groups being StereoBatchNorm2d's: the whole batch for one pair, each pair (left i,
+    right i) otherwise."""
 
     def __init__(self, n, channels, device):
         self.n, self.groups = n, (1 if n <= 2 else n // 2)
-        self.s = torch.zeros(self.groups, channels, dtype=torch.float64, device=device)
-        self.ss = torch.zeros_like(self.s)
+        self.mean = torch.zeros(self.groups, channels, dtype=torch.float64, device=device)
+        self.m2 = torch.zeros_like(self.mean)
         self.count = 0
 
     def _grouped(self, t):  # (N, C, h, W) -> (G, N / G, C, h * W)
@@ -185,17 +186,22 @@ class _PairStats:
         return t.reshape(2, self.groups, c, -1).transpose(0, 1)
 
     def add(self, t):
-        for c in range(t.shape[1]):  # a channel at a time: no float64 copy of the whole map
-            g = self._grouped(t[:, c:c + 1]).double()
-            self.s[:, c] += g.sum((1, 2, 3))
-            self.ss[:, c] += (g * g).sum((1, 2, 3))
-        self.count += t.shape[0] // self.groups * t[0, 0].numel()
+        g = self._grouped(t)
+        k = g.shape[1] * g.shape[3]
+        if g.dtype in (torch.float16, torch.bfloat16):  # statistics in float32 (as batch_norm under autocast)
+            g = g.float()
+        var, mean = torch.var_mean(g, dim=(1, 3), correction=0)  # one pass, no temporary of t's size
+        mean, m2 = mean.double(), var.double() * k
+        total = self.count + k
+        delta = mean - self.mean
+        self.mean += delta * (k / total)
+        self.m2 += m2 + delta * delta * (self.count * k / total)
+        self.count = total
 
     def normalize(self, t, bn, out=None):
         """What bn (a StereoBatchNorm2d in training-mode statistics) gives for t, with the accumulated statistics;
         out=t normalises in place."""
-        mean = self.s / self.count
-        var = (self.ss / self.count - mean * mean).clamp_min(0)  # biased, as batch_norm normalises with
+        mean, var = self.mean, self.m2 / self.count  # biased, as batch_norm normalises with
         scale = bn.weight.double() / torch.sqrt(var + bn.eps)  # (G, C)
         shift = bn.bias.double() - mean * scale
         scale, shift = scale[:, None, :, None].to(t.dtype), shift[:, None, :, None].to(t.dtype)
