@@ -61,7 +61,7 @@ def test_float32_pinned_tiles_do_not_spill():
 
 def test_relative_position_kernels_lower_for_sm90():
     rows = _rows("cs.rows((), 'bf16', 'pinned', relpos=True, decode=False)")
-    assert {r["kernel"] for r in rows} == {"_relpos_fwd_kernel", "_relpos_bwd_kernel"}
+    assert {r["kernel"] for r in rows} == {"_relpos_fwd_kernel", "_relpos_bwd_kernel", "_relpos_bwd_dq_kernel"}
     assert all(r["wgmma"] for r in rows)
 
 
@@ -72,3 +72,62 @@ def test_every_autotune_candidate(dtype):
                                                                dropout=0.1)) for d in (64, 128, 256)]
     _check(_rows(f"cs.rows((64, 128, 256), {dtype!r}, 'all', relpos=False, causal=(False, True), "
                  f"variants={heavy!r})"))
+
+
+# ---- STTR's relative-position attention: every variant of the launch at STTR's shape (960 sequences, W = 320,
+# 8 heads x 16), each tile the launcher may pick --------------------------------------------------------------------
+_RELPOS_VARIANTS = ((1, False, False), (-1, False, False), (1, True, True), (1, True, False), (1, False, True))
+_RELPOS_CODE = """
+import json, torch
+from benchmarks import sm90
+from benchmarks import compile_stats as cs
+sm90.install()
+from tlv_fast.kernels import common
+from tlv_fast.kernels import relpos_attention as kr
+rows = []
+for dt in {dtypes!r}:
+    dtype = cs.DTYPES[dt]
+    q = torch.empty(960, 8, 320, 16, dtype=dtype)
+    table = torch.empty(639, 8, 16, dtype=dtype)
+    out, lse = torch.empty_like(q), torch.empty(960, 8, 320)
+    for sign, mask, ret in {variants!r}:
+        lg = torch.empty(960, 320, 320) if ret else None
+        launches = cs._captured_launches(kr, lambda: kr.relpos_attention_fwd(q, q, q, table, table, out, lse, lg,
+                                                                             sign, mask))
+        launches += cs._captured_launches(kr, lambda: kr.relpos_attention_bwd(
+            q, lg, q, q, q, table, table, out, lse, None, torch.empty_like(q), torch.empty_like(q), sign, mask))
+        for kernel, grid, args in launches:
+            if kernel not in common._tables:
+                continue
+            for tile, tags in cs.candidates(kernel, args, {which!r}):
+                compiled = cs.compile_tile(kernel, grid, args, tile)
+                st = sm90.stats(compiled)
+                rows.append(dict(case=f"{{dt}} sign{{sign:+d}} mask={{mask}} logits={{ret}}",
+                                 kernel=compiled.metadata.name, tile=tile, spill=st["spill_bytes"],
+                                 smem_KiB=round(st["smem"] / 1024, 1), wgmma=st["wgmma"]))
+print(json.dumps(rows))
+"""
+
+
+def _relpos_check(dtypes, which, variants=_RELPOS_VARIANTS):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = _RELPOS_CODE.format(dtypes=tuple(dtypes), which=which, variants=tuple(variants))
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env)
+    assert res.returncode == 0, res.stderr[-4000:]
+    rows = json.loads(res.stdout.strip().splitlines()[-1])
+    assert {r["kernel"] for r in rows} == {"_relpos_fwd_kernel", "_relpos_bwd_kernel", "_relpos_bwd_dq_kernel"}
+    bad = [f"{r['case']} {r['kernel']} {r['tile']}: {r['spill']} bytes of spills" for r in rows if r["spill"]]
+    bad += [f"{r['case']} {r['kernel']} {r['tile']}: {r['smem_KiB']} KiB of shared memory" for r in rows
+            if r["smem_KiB"] > 227]
+    assert not bad, "\n".join(bad)
+
+
+def test_relpos_pinned_tiles_do_not_spill_at_sttr_shape():
+    """The pinned tiles of the three relpos kernels, plain (both signs), masked with logits, fp16 and bf16."""
+    _relpos_check(("fp16", "bf16"), "pinned", _RELPOS_VARIANTS[:3])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["fp16", "bf16", "fp32"])
+def test_relpos_every_autotune_candidate(dtype):
+    _relpos_check((dtype,), "all")

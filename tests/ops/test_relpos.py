@@ -211,3 +211,74 @@ def test_relpos_memory_is_linear_in_width():
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - base
     assert extra <= 1.2 * (q.numel() * 2 + 960 * 8 * 320 * 4), f"{extra / 2**20:.0f} MiB"  # out + lse
+
+
+# ---- the kernel's launch modes: key/query parts of the backward, table tiles, idempotent outputs -----------------
+def _reference_grads(inputs, sign, mask, g, gl):
+    out, logits = reference.relpos_attention(*inputs, offset_sign=sign, mask_upper=mask, return_logits=True)
+    finite = torch.isfinite(logits)
+    loss = (out.double() * g.double()).sum() + (logits.masked_fill(~finite, 0.0).double() * gl.double()).sum()
+    return out, logits, torch.autograd.grad(loss, inputs)
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3, None], ids=["parts1", "parts2", "parts3", "auto"])
+@pytest.mark.parametrize("sign,mask", [(1, True), (-1, False)], ids=["sign+masked", "sign-"])
+def test_backward_parts_match_reference_and_are_deterministic(parts, sign, mask):
+    """The backward split over key tiles (by-key kernel) and query tiles (by-query kernel) into private partials:
+    every split gives the reference's gradients, and the same split gives bit-identical results twice."""
+    from tlv_fast.kernels import relpos_attention as kr
+    torch.manual_seed(1)
+    inputs = _inputs(2, 2, 53, 45, 16, torch.float32)
+    q, k, v, qr, kr_ = (t.detach() for t in inputs)
+    with force_blocks(16, 16):
+        out, lse = torch.empty_like(q), torch.empty(2, 2, 53, device=q.device)
+        logits = torch.empty(2, 53, 45, device=q.device)
+        kr.relpos_attention_fwd(q, k, v, qr, kr_, out, lse, logits, sign, mask)
+        g = torch.randn_like(out)
+        gl = torch.randn_like(logits).masked_fill(~torch.isfinite(logits), 0.0)
+        runs = []
+        for _ in range(2):
+            dk, dv = torch.empty_like(k), torch.empty_like(v)
+            dq, dqr, dkr = kr.relpos_attention_bwd(g, gl, q, k, v, qr, kr_, out, lse, None, dk, dv, sign, mask,
+                                                   parts=parts)
+            runs.append((dq, dk, dv, dqr, dkr))
+    ref_out, ref_logits, ref_grads = _reference_grads(inputs, sign, mask, g, gl)
+    assert_close(out, ref_out, name="out")
+    for name, a, again, r in zip(("dq", "dk", "dv", "dqr", "dkr"), runs[0], runs[1], ref_grads):
+        assert_close(a, r, name=name)
+        assert torch.equal(a, again), f"{name} differs between two identical calls"
+
+
+def test_key_split_policy():
+    from tlv_fast.kernels.relpos_attention import BWD_PROGRAMS, key_split
+    assert key_split(BWD_PROGRAMS, 4096, 64) == 1            # batch x heads fill the GPU: one part
+    assert key_split(960 * 8, 320, 32) == 1                  # STTR's shape
+    assert key_split(8, 320, 64) == 5                        # few sequences: one part per key tile
+    assert key_split(8, 4096, 64) == -(-BWD_PROGRAMS // 8)   # long ones: enough parts for the GPU
+    from tlv_fast.kernels import relpos_attention as kr
+    q, k, v, qr, kr_ = (t.detach() for t in _inputs(1, 1, 8, 8, 16, torch.float32))
+    with pytest.raises(ValueError, match="parts must be"):
+        kr.relpos_attention_bwd(q, None, q, k, v, qr, kr_, q, torch.zeros(1, 1, 8), None, k, v, parts=0)
+
+
+@pytest.mark.parametrize("blocks", [(64, 64), (32, 64), (64, 32), (32, 32)], ids=lambda b: f"BM{b[0]}-BN{b[1]}")
+def test_table_tiles(blocks):
+    """The tiles of the launch tables (kernels/relpos_attention.py), forced, on shapes with ragged edges."""
+    with force_blocks(*blocks):
+        _check(_inputs(1, 2, 70, 45, 16, torch.float16), 1, True, torch.float16)
+        _check(_inputs(1, 1, 40, 75, 16, torch.float32), -1, False, torch.float32)
+
+
+def test_logits_need_no_zero_fill():
+    """The forward writes every logit (the first head stores, the others add): a buffer of garbage is fine."""
+    from tlv_fast.kernels import relpos_attention as kr
+    inputs = [t.detach() for t in _inputs(2, 3, 19, 23, 16, torch.float32)]
+    q, k, v, qr, kr_ = inputs
+    out, lse = torch.empty_like(q), torch.empty(2, 3, 19, device=q.device)
+    logits = torch.full((2, 19, 23), float("nan"), device=q.device)
+    kr.relpos_attention_fwd(q, k, v, qr, kr_, out, lse, logits, 1, True)
+    ref_out, ref_logits = reference.relpos_attention(*inputs, offset_sign=1, mask_upper=True, return_logits=True)
+    finite = torch.isfinite(ref_logits)
+    assert torch.equal(torch.isfinite(logits), finite)
+    assert_close(logits[finite], ref_logits[finite], name="logits")
+    assert_close(out, ref_out, name="out")
