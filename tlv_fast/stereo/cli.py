@@ -120,7 +120,8 @@ def _camera(args, shape):
 
 def write_preview(path, left, disp, occ, points=None, colors=None, max_disp=None, max_points=20000):
     """One PNG for a reader: the left image, the disparity (colour bar in pixels), the occlusion probability and,
-    with a camera, the point cloud from above the camera (a subsample of max_points, coloured from the image)."""
+    with a camera, the point cloud (a subsample of max_points within the 2-98 % range of each coordinate, coloured
+    by depth; points.ply has them all, coloured from the image)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -144,12 +145,14 @@ def write_preview(path, left, disp, occ, points=None, colors=None, max_disp=None
     if points is not None:
         ax = fig.add_subplot(1, panels, 4, projection="3d")
         idx = torch.randperm(len(points), generator=torch.Generator().manual_seed(0))[:max_points]
-        p, c = points[idx].numpy(), colors[idx].float().numpy() / 255
-        ax.scatter(p[:, 0], p[:, 2], -p[:, 1], c=c, s=0.6, depthshade=False)  # x right, z forward, y up
+        p = points[idx].numpy()
+        lo, hi = torch.quantile(points[idx].double(), torch.tensor([0.02, 0.98], dtype=torch.float64), dim=0).numpy()
+        keep = ((p >= lo) & (p <= hi)).all(1)  # the far tail of near-zero disparities would flatten the rest
+        ax.scatter(p[keep, 0], p[keep, 2], -p[keep, 1], c=p[keep, 2], cmap="turbo_r", s=0.6, depthshade=False)
         ax.set_xlabel("X")
         ax.set_ylabel("Z (depth)")
         ax.set_zlabel("-Y")
-        ax.view_init(elev=20, azim=-70)
+        ax.view_init(elev=25, azim=-60)
         ax.set_title(f"point cloud ({len(points)} points)")
     fig.tight_layout()
     fig.savefig(path)
