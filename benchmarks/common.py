@@ -335,6 +335,22 @@ class RowLog:
         write_csv(self.rows, self.path)
 
 
+def bar_entries(rows, series, y):
+    """The bars of one panel at one size: (labels, heights, failure status or None) per (case, series) in order of
+    appearance; labels name the case too when the panel holds more than one. A series without a measured row gets
+    height 0 and the status of its failure."""
+    keys = list(dict.fromkeys((r.get("case", ""), r[series]) for r in rows))
+    several = len({c for c, _ in keys}) > 1
+    labels, heights, bad = [], [], []
+    for case, s in keys:
+        mine = [r for r in rows if (r.get("case", ""), r[series]) == (case, s)]
+        ok = [r for r in mine if r.get("status") == "ok" and r.get(y) is not None]
+        labels.append(f"{s}\n{case.split()[0]}" if several else s)
+        heights.append(ok[0][y] if ok else 0.0)
+        bad.append(None if ok else next((r["status"] for r in mine if r.get("status") != "ok"), "n/a"))
+    return labels, heights, bad
+
+
 def plot(rows, path, x, y, series, panel, title, ylabel=None):
     """One panel per distinct `panel` value, `y` against `x`, a line (or, at one size, a bar) per `series` value;
     rows whose status is not "ok" are marked where their value would be: a hatched empty bar, or an "x" on the
@@ -357,16 +373,15 @@ def plot(rows, path, x, y, series, panel, title, ylabel=None):
         ok = [r for r in sub if r.get("status") == "ok" and r.get(y) is not None]
         failed = [r for r in sub if r.get("status") != "ok"]
         names = list(dict.fromkeys(r[series] for r in sub))
-        if len({r[x] for r in sub}) == 1:  # one size: bars, one per series
-            heights = [next((r[y] for r in ok if r[series] == s), 0.0) for s in names]
-            bars = ax.bar(names, heights)
+        if len({r[x] for r in sub}) == 1:  # one size: bars, one per series (and per case when the panel has several)
+            labels, heights, bad = bar_entries(sub, series, y)
+            bars = ax.bar(range(len(labels)), heights, tick_label=labels)
             top = max(heights) if any(heights) else 1.0
-            for bar, s in zip(bars, names):
-                bad = next((r for r in failed if r[series] == s), None)
-                if bad is not None and not any(r[series] == s for r in ok):
+            for bar, status in zip(bars, bad):
+                if status is not None:
                     bar.set_hatch("//")
                     bar.set_fill(False)
-                    ax.text(bar.get_x() + bar.get_width() / 2, 0.02 * top, bad["status"][:3], ha="center",
+                    ax.text(bar.get_x() + bar.get_width() / 2, 0.02 * top, status[:3], ha="center",
                             va="bottom", fontsize=8, rotation=90)
             ax.tick_params(axis="x", labelrotation=45, labelsize=7)
         else:

@@ -132,6 +132,20 @@ def test_the_plot_marks_failed_providers_and_labels_its_unit(tmp_path):
     assert plot([], str(tmp_path / "q.png"), "size", "ms", "provider", "panel", "t") is None
 
 
+def test_a_panel_with_two_cases_draws_a_bar_for_each():
+    """Two cases in one panel (GPT causal and GQA causal share "fwd D64 causal"): every (case, provider) gets its
+    bar; a provider that failed gets an empty one with its status."""
+    from benchmarks.common import bar_entries
+    rows = [{"case": "GPT causal", "provider": "tlv_fast", "status": "ok", "ms": 3.0},
+            {"case": "GPT causal", "provider": "sdpa", "status": "ok", "ms": 4.0},
+            {"case": "GQA causal", "provider": "tlv_fast", "status": "ok", "ms": 5.0},
+            {"case": "GQA causal", "provider": "sdpa", "status": "oom", "ms": None}]
+    labels, heights, bad = bar_entries(rows, "provider", "ms")
+    assert labels == ["tlv_fast\nGPT", "sdpa\nGPT", "tlv_fast\nGQA", "sdpa\nGQA"]
+    assert heights == [3.0, 4.0, 5.0, 0.0] and bad == [None, None, None, "oom"]
+    assert bar_entries(rows[:2], "provider", "ms")[0] == ["tlv_fast", "sdpa"]  # one case: provider names only
+
+
 def test_a_preset_that_cannot_fit_is_refused_before_it_runs(capsys, monkeypatch):
     from benchmarks import common
     monkeypatch.setattr(common, "available_bytes", lambda device: 1024)  # 1 KiB free
