@@ -19,6 +19,8 @@ from helpers import HAS_CUDA  # noqa: E402  (after the environment above)
 
 def pytest_addoption(parser):
     parser.addoption("--slow", action="store_true", help="also run tests marked slow")
+    parser.addoption("--all-dtypes", action="store_true",
+                     help="also run the bf16 cases under Triton's interpreter (bf16 dots upcast to fp32)")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -28,6 +30,9 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.skip(reason="needs CUDA"))
         if "slow" in item.keywords and not run_slow:
             item.add_marker(pytest.mark.skip(reason="slow: run with --slow"))
+        if "bf16_interp" in item.keywords and not config.getoption("--all-dtypes"):
+            item.add_marker(pytest.mark.skip(reason="bf16 under Triton's interpreter (dots upcast): run with "
+                                                    "--all-dtypes"))
 
 
 @pytest.fixture(autouse=True)
