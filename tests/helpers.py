@@ -41,7 +41,7 @@ def dtype_params():
     """fp32, fp16, bf16. Under the interpreter, bf16 dots are upcast inside the kernel (Triton's interpreter computes
     bf16 tl.dot wrongly, measured; see CONTRIBUTING.md), so there the bf16 case checks everything but the bf16
     tensor-core product; the interpreter also truncates fp32 -> bf16 conversions (assert_fa_rule allows for it)."""
-    more = pytest.mark.exhaustive  # the quick run (README) keeps only the fp32 case
+    more = pytest.mark.deep  # the quick run (README) keeps only the fp32 case
     # under the interpreter the bf16 case runs with --all-dtypes only (conftest): its dots are upcast to fp32, so it
     # checks conversions that fp16 and fp32 mostly cover, at the cost of a minute of the default run
     bf16 = pytest.param(torch.bfloat16, id="bf16-interp-upcast" if INTERPRETED else "bf16",

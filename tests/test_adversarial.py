@@ -4,7 +4,7 @@ import adversarial
 import pytest
 
 
-@pytest.mark.exhaustive  # a sweep: not in the quick run
+@pytest.mark.deep  # a sweep: not in the quick run
 def test_the_sweep_finds_nothing(capsys):
     status = adversarial.main([])
     report = capsys.readouterr().out

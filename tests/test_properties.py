@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 hypothesis = pytest.importorskip("hypothesis", reason="needs hypothesis (the test extra)")
-pytestmark = pytest.mark.exhaustive  # randomised sweeps: not in the quick run
+pytestmark = pytest.mark.deep  # randomised sweeps: not in the quick run
 st = hypothesis.strategies
 
 import tlv_fast  # noqa: E402

@@ -189,6 +189,7 @@ def test_sdpa_override_routes_and_falls_back_once(monkeypatch):
     assert torch.equal(out2, out)
 
 
+@pytest.mark.deep  # not in the quick run (README)
 @pytest.mark.parametrize("name", ["gpt", "bert", "vit", "patched-encoder", "sdpa-override"])
 def test_fullgraph_compile(name):
     torch._dynamo.reset()
@@ -213,6 +214,7 @@ def test_fullgraph_compile(name):
     assert_close(got, want, name="compiled")
 
 
+@pytest.mark.deep  # not in the quick run (README)
 @pytest.mark.skipif(DEVICE != "cpu", reason="the gloo test runs on CPU processes")
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
 def test_distributed_training_matches_one_process(mode):

@@ -251,6 +251,7 @@ def test_transformer_matches_spec_transcription(parity):
     assert_close(out["logits"], want, name="logits vs transcription")
 
 
+@pytest.mark.deep  # not in the quick run (README)
 def test_fused_path_matches_reference_path():
     """The compiled kernels (the Triton relative-position kernel - the interpreter here - and the csrc Sinkhorn)
     against backend="reference" (eager everything): every stage forward, and the gradients."""

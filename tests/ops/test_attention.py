@@ -105,6 +105,7 @@ def test_strided_slices_of_a_packed_projection():
 # bottom-right offsets Nk - Nq = 33 and 65 are 1 mod 16, 32 and 64 (a query block ends one row before a key block's
 # first visible row); -2 is BLOCK_N - 2 mod every tile (one row short of seeing a whole key block): the edges of the
 # causal range split
+@pytest.mark.deep  # not in the quick run (README)
 @pytest.mark.parametrize("nq,nk", [(45, 70), (70, 45), (64, 64), (66, 64), (30, 63), (40, 73), (70, 135)])
 def test_tilings_with_unequal_blocks(blocks, nq, nk):
     # the GPU autotuner picks BLOCK_M != BLOCK_N; the causal range split must hold for any pair

@@ -17,6 +17,7 @@ def _keep_mask_for(seed_value, q, k, p, **kw):
     return dropout_keep_mask(seeds[0], q.shape[0], q.shape[1], q.shape[2], k.shape[2], p)
 
 
+@pytest.mark.deep  # not in the quick run (README)
 @pytest.mark.parametrize("dtype", dtype_params())
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("hkv", [2, 1], ids=["mha", "gqa"])

@@ -30,6 +30,7 @@ def _run(causal, mask=None):
     return run
 
 
+@pytest.mark.deep  # not in the quick run (README)
 @pytest.mark.parametrize("dtype", dtype_params())
 @pytest.mark.parametrize("n_k", [1, 37, 600])
 def test_one_query_row(n_k, dtype, decode_calls):
@@ -39,6 +40,7 @@ def test_one_query_row(n_k, dtype, decode_calls):
     assert decode_calls, "the split-KV kernel was not chosen"
 
 
+@pytest.mark.deep  # not in the quick run (README)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("n_q", [1, 3, 16])
 def test_gqa_groups_packed_and_causal(n_q, causal, decode_calls):

@@ -221,6 +221,7 @@ def _reference_grads(inputs, sign, mask, g, gl):
     return out, logits, torch.autograd.grad(loss, inputs)
 
 
+@pytest.mark.deep  # not in the quick run (README)
 @pytest.mark.parametrize("parts,sign,mask", [(1, 1, True), (2, 1, True), (None, -1, False), (3, -1, False)],
                          ids=["parts1-sign+masked", "parts2-sign+masked", "auto-sign-", "parts3-sign-"])
 def test_backward_parts_match_reference_and_are_deterministic(parts, sign, mask):
