@@ -161,6 +161,29 @@ def test_chunked_inference_equals_the_whole_image_path(chunks, batch, size, stri
     assert_close(c["disparity"].detach(), b["disparity"], name="disparity with autograd")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n", [2, 4])
+def test_chunk_statistics_normalise_as_batch_norm(dtype, n):
+    """The chunked tokenizer's BatchNorm: statistics merged over chunks, then normalised (in place or not) as
+    StereoBatchNorm2d does for the whole map (16-bit maps computed in float32, as batch_norm under autocast)."""
+    from tlv_fast.models.sttr_features import StereoBatchNorm2d, _PairStats
+    torch.manual_seed(0)
+    bn = StereoBatchNorm2d(5)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2)
+        bn.bias.uniform_(-1, 1)
+    x = (torch.randn(n, 5, 9, 7) * 3 + 1).to(dtype)
+    stats = _PairStats(n, 5, x.device)
+    for a in range(0, 9, 4):
+        stats.add(x[:, :, a:a + 4])
+    want = bn(x.float())
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(stats.normalize(x, bn).float(), want, atol=tol, rtol=tol)
+    y = x.clone()
+    assert stats.normalize(y, bn, inplace=True) is y
+    torch.testing.assert_close(y.float(), want, atol=tol, rtol=tol)
+
+
 def test_chunk_settings_are_checked():
     with pytest.raises(ValueError, match="cal_chunk_rows must be an int >= 0"):
         STTRConfig(cal_chunk_rows=-1)

@@ -198,18 +198,22 @@ class _PairStats:
         self.m2 += m2 + delta * delta * (self.count * k / total)
         self.count = total
 
-    def normalize(self, t, bn, out=None):
+    def normalize(self, t, bn, inplace=False):
         """What bn (a StereoBatchNorm2d in training-mode statistics) gives for t, with the accumulated statistics;
-        out=t normalises in place."""
+        inplace: into t itself."""
         mean, var = self.mean, self.m2 / self.count  # biased, as batch_norm normalises with
         scale = bn.weight.double() / torch.sqrt(var + bn.eps)  # (G, C)
         shift = bn.bias.double() - mean * scale
-        scale, shift = scale[:, None, :, None].to(t.dtype), shift[:, None, :, None].to(t.dtype)
-        if out is not None:  # (G, N / G, C, h * W) views of t
+        acc = torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype  # as batch_norm (autocast)
+        scale, shift = scale[:, None, :, None].to(acc), shift[:, None, :, None].to(acc)
+        if inplace:  # (G, N / G, C, h * W) views of t
             g = self._grouped(t)
-            g.mul_(scale).add_(shift)
+            if acc == t.dtype:
+                g.mul_(scale).add_(shift)
+            else:
+                g.copy_(g.float().mul_(scale).add_(shift))
             return t
-        y = self._grouped(t) * scale + shift
+        y = self._grouped(t).to(acc) * scale + shift
         if self.groups > 1:
             y = y.transpose(0, 1)
         return y.reshape(t.shape)
@@ -240,7 +244,7 @@ def _sampled_last_stage(up, block, out, x, rows, cols, chunk_rows):
     half = ct1(out)  # (N, C, Ha, Wa): 1/2 resolution, normalised in place (one map of this size alive, not two)
     stats = _PairStats(half.shape[0], half.shape[1], half.device)
     stats.add(half)
-    half = stats.normalize(half, bn_mid, out=half)
+    half = stats.normalize(half, bn_mid, inplace=True)
     n, _, H, W = x.shape
     Ha, Wa = half.shape[2:]
     top, left = ((2 * Ha + 1) - H) // 2, ((2 * Wa + 1) - W) // 2  # TransitionUp's centre crop
