@@ -288,6 +288,18 @@ def _load_rows(lse_base, delta_base, offs_m, N_Q):
     return lse2, tl.load(delta_base + offs_m, mask=offs_m < N_Q, other=0.0)
 
 
+@triton.jit
+def _part_of_program(N, BLOCK, N_BH, H):
+    # a backward program's (batch, head) and its part of the N rows (whole tiles of BLOCK): the grid is part-major,
+    # N_BH programs per part
+    pid = tl.program_id(0)
+    n_parts = tl.num_programs(0) // N_BH
+    bh = pid % N_BH
+    per_part = tl.cdiv(tl.cdiv(N, BLOCK), n_parts) * BLOCK
+    lo = (pid // N_BH) * per_part
+    return pid, bh, bh // H, bh % H, lo, tl.minimum(lo + per_part, N)
+
+
 @triton.heuristics({"BLOCK_L": _band_width})
 @triton.jit
 def _relpos_bwd_kernel(
@@ -311,14 +323,7 @@ def _relpos_bwd_kernel(
     #   dK_j += sum_i dS_ij (q_i + QR[r_ij]),   dQR[r] += sum_{r_ij = r} dS_ij k_j,
     # the band sums through DS2[c, j] = dS[i(c, j), j] (L, N). DQR (fp32, (parts, B, H, rows, D)) is private to the
     # program: zero-filled here, then accumulated tile by tile (read-modify-write, a barrier between tiles).
-    pid = tl.program_id(0)
-    n_parts = tl.num_programs(0) // N_BH
-    bh = pid % N_BH
-    b = bh // H
-    h = bh % H
-    per_part = tl.cdiv(tl.cdiv(N_K, BLOCK_N), n_parts) * BLOCK_N
-    n_lo = (pid // N_BH) * per_part
-    n_hi = tl.minimum(n_lo + per_part, N_K)
+    pid, bh, b, h, n_lo, n_hi = _part_of_program(N_K, BLOCK_N, N_BH, H)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     n_rows = N_Q + N_K - 1
@@ -388,14 +393,7 @@ def _relpos_bwd_dq_kernel(
     #   dQ_i += sum_j dS_ij (k_j + KR[r_ij])   (in registers; DQ fp32 (B, H, Nq, BLOCK_D), one writer per row),
     #   dKR[r] += sum_{r_ij = r} dS_ij q_i      (private DKR (parts, B, H, rows, D), as DQR above),
     # the band sums through DS1[i, c] = dS[i, j(i, c)] (M, L).
-    pid = tl.program_id(0)
-    n_parts = tl.num_programs(0) // N_BH
-    bh = pid % N_BH
-    b = bh // H
-    h = bh % H
-    per_part = tl.cdiv(tl.cdiv(N_Q, BLOCK_M), n_parts) * BLOCK_M
-    m_lo = (pid // N_BH) * per_part
-    m_hi = tl.minimum(m_lo + per_part, N_Q)
+    pid, bh, b, h, m_lo, m_hi = _part_of_program(N_Q, BLOCK_M, N_BH, H)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     n_rows = N_Q + N_K - 1

@@ -44,3 +44,14 @@ def relpos_rows(n_q, n_k, offset_sign, device=None):
     i = torch.arange(n_q, device=device)[:, None]
     j = torch.arange(n_k, device=device)[None, :]
     return (i - j) + (n_k - 1) if offset_sign == 1 else (j - i) + (n_q - 1)
+
+
+def occlusion_iou_counts(occlusion, occ_mask, valid):
+    """STTR's occlusion IoU (Li et al., 2021) as (intersection, union) counts over the last two dims: with
+    p = occlusion > 0.5, intersection = |p & occ_mask| + |~p & valid| and union = |(p & valid) | occ_mask| +
+    |(~p & occ_mask) | valid| (valid: non-occluded pixels with ground truth; pixels that are neither are ignored).
+    Shared by tlv_fast.models.stereo_metrics and tlv_fast.stereo.metrics."""
+    p = occlusion > 0.5
+    inter = (p & occ_mask).sum((-2, -1)) + (~p & valid).sum((-2, -1))
+    union = ((p & valid) | occ_mask).sum((-2, -1)) + ((~p & occ_mask) | valid).sum((-2, -1))
+    return inter, union

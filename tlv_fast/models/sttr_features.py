@@ -272,12 +272,12 @@ def _sampled_last_stage(up, block, out, x, rows, cols, chunk_rows):
     stats2 = _PairStats(n, conv2.out_channels, x.device)
     for y0, y1 in chunks:
         stats2.add(second(y0, y1, stats1))
-    outs = []
+    outs, wanted = [], rows.tolist()  # one transfer, not a data-dependent selection per chunk
     for y0, y1 in chunks:
-        keep = rows[(rows >= y0) & (rows < y1)]
-        if len(keep):
+        keep = [r - y0 for r in wanted if y0 <= r < y1]
+        if keep:
             h2 = F.relu(stats2.normalize(second(y0, y1, stats1), bn2))
-            outs.append(h2.index_select(2, keep - y0).index_select(3, cols))
+            outs.append(h2.index_select(2, torch.tensor(keep, device=h2.device)).index_select(3, cols))
     return torch.cat(outs, 2)
 
 

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import backends
-from ..formulas import add_dustbins
+from ..formulas import add_dustbins, occlusion_iou_counts
 from ..ops import optimal_transport
 from .sttr_features import ContextAdjustment
 
@@ -166,8 +166,6 @@ def stereo_metrics(disparity, occlusion, disp, occ_mask=None, threshold=3.0):
     out = {"epe": float(epe), "error_px": error_px, "total_px": total_px,
            "px_error_rate": error_px / max(total_px, 1)}
     if occ_mask is not None:
-        p, o, v = occlusion > 0.5, occ_mask, valid
-        inter = (p & o).flatten(1).sum(1) + (~p & v).flatten(1).sum(1)
-        union = ((p & v) | o).flatten(1).sum(1) + ((~p & o) | v).flatten(1).sum(1)
+        inter, union = occlusion_iou_counts(occlusion, occ_mask, valid)
         out["iou"] = float((inter.float() / union.clamp_min(1)).mean())
     return out

@@ -95,7 +95,7 @@ def _out_dir(path):
     return path
 
 
-def _camera(args, shape):
+def _camera(args):
     """(focal, baseline, cx, cy, doffs) from --calib or --focal/--baseline, or None."""
     from .geometry import read_calibration
     if args.calib is not None:
@@ -172,7 +172,7 @@ def infer(args):
         except ImportError:
             raise UserError("--preview needs matplotlib (pip install matplotlib)") from None
     left, right = _read_pair(args.left, args.right)
-    camera = _camera(args, left.shape[1:])
+    camera = _camera(args)
     out = _out_dir(args.out)
     model = _load(args, device)
     t0 = time.perf_counter()
@@ -294,6 +294,15 @@ def _parser():
                        help="architecture when no checkpoint says otherwise (default: the published one)")
         q.add_argument("--device", help="cpu or cuda (default: cuda when available)")
 
+    def dataset_args(q, train):
+        q.add_argument("--dataset", required=True, choices=sorted(SPLITS))
+        q.add_argument("--root", help="the dataset's folder (its published layout)")
+        splits = ", ".join(f"{k} {v[train]}" for k, v in SPLITS.items() if v[train])
+        q.add_argument("--split", help=f"default: {splits}")
+        pairs = 64 if train else 8
+        q.add_argument("--pairs", type=int, default=pairs,
+                       help=f"--dataset synthetic: how many pairs (default {pairs})")
+
     q = sub.add_parser("infer", help="disparity, occlusion and a point cloud of one rectified pair")
     q.add_argument("left")
     q.add_argument("right")
@@ -312,10 +321,7 @@ def _parser():
     q.set_defaults(run=infer)
 
     q = sub.add_parser("eval", help="EPE, D1-all, 3-px error and occlusion IoU over a dataset")
-    q.add_argument("--dataset", required=True, choices=sorted(SPLITS))
-    q.add_argument("--root", help="the dataset's folder (its published layout)")
-    q.add_argument("--split", help="default: sceneflow test, kitti2015 training, middlebury trainingQ")
-    q.add_argument("--pairs", type=int, default=8, help="--dataset synthetic: how many pairs (default 8)")
+    dataset_args(q, train=False)
     model_args(q)
     q.add_argument("--fp16", action="store_true", help="float16 autocast (CUDA)")
     q.add_argument("--limit", type=int, help="only the first N pairs")
@@ -324,10 +330,7 @@ def _parser():
     q.set_defaults(run=evaluate)
 
     q = sub.add_parser("train", help="train or fine-tune with the published recipe")
-    q.add_argument("--dataset", required=True, choices=sorted(SPLITS))
-    q.add_argument("--root", help="the dataset's folder (its published layout)")
-    q.add_argument("--split", help="default: sceneflow train, kitti2015 training, middlebury trainingQ")
-    q.add_argument("--pairs", type=int, default=64, help="--dataset synthetic: how many pairs (default 64)")
+    dataset_args(q, train=True)
     q.add_argument("--out", required=True, help="folder for checkpoints and metrics.csv")
     model_args(q)
     q.add_argument("--resume", help="a checkpoint of this command: continue from its epoch")

@@ -62,6 +62,15 @@ def _float_to_uint8(a, name, fn):
     return np.rint(np.clip(a, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
+def _as_uint8(a, name, fn):
+    """uint8 as it is, floating point in [0, 1] scaled and rounded; anything else is an error naming `name`."""
+    if a.dtype == np.uint8:
+        return a
+    if np.issubdtype(a.dtype, np.floating):
+        return _float_to_uint8(a, name, fn)
+    raise TypeError(f"{fn}: {name} must be uint8, or floating point in [0, 1], got dtype {a.dtype}")
+
+
 def _image_rawmode(im):
     """The raw mode of the first tile as Pillow decodes it (e.g. 'RGB;16B' for a 16-bit RGB PNG), or ''."""
     for tile in getattr(im, "tile", None) or ():
@@ -130,12 +139,7 @@ def write_image(path, image):
         raise ValueError(f"{fn}: image must have shape (3, H, W) or (H, W), got {_shape_str(a)}")
     if a.shape[-1] == 0 or a.shape[-2] == 0:
         raise ValueError(f"{fn}: image must not be empty, got shape {_shape_str(a)}")
-    if a.dtype == np.uint8:
-        pass
-    elif np.issubdtype(a.dtype, np.floating):
-        a = _float_to_uint8(a, "image", fn)
-    else:
-        raise TypeError(f"{fn}: image must be uint8, or floating point in [0, 1], got dtype {a.dtype}")
+    a = _as_uint8(a, "image", fn)
     if a.ndim == 3:
         im = Image.fromarray(np.ascontiguousarray(a.transpose(1, 2, 0)))
     else:
@@ -428,12 +432,7 @@ def write_ply(path, points, colors=None):
         c = _to_numpy(colors, "colors", fn)
         if c.shape != (n, 3):
             raise ValueError(f"{fn}: colors must have shape (N, 3) = ({n}, 3) like points, got {_shape_str(c)}")
-        if c.dtype == np.uint8:
-            pass
-        elif np.issubdtype(c.dtype, np.floating):
-            c = _float_to_uint8(c, "colors", fn)
-        else:
-            raise TypeError(f"{fn}: colors must be uint8, or floating point in [0, 1], got dtype {c.dtype}")
+        c = _as_uint8(c, "colors", fn)
         fields += [("red", "u1"), ("green", "u1"), ("blue", "u1")]
         header += "property uchar red\nproperty uchar green\nproperty uchar blue\n"
     header += "end_header\n"

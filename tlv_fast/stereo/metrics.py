@@ -3,9 +3,7 @@
     EPE       mean |d_pred - d_gt| in pixels
     D1-all    fraction of pixels with |error| > 3 px AND |error| > 5 % of d_gt (the KITTI 2015 stereo benchmark's rule)
     3-px      fraction of pixels with |error| > 3 px
-    occ. IoU  STTR's occlusion IoU (Li et al., 2021, and tlv_fast.models.sttr_head.stereo_metrics): with p = occlusion
-              probability > 0.5, (|p & occ| + |~p & valid|) / (|(p & valid) | occ| + |(~p & occ) | valid|), where
-              valid are the non-occluded pixels with ground truth and pixels that are neither are ignored
+    occ. IoU  STTR's occlusion IoU (tlv_fast.formulas.occlusion_iou_counts, as tlv_fast.models.stereo_metrics)
 
 Dataset figures are pixel-weighted (sums of errors and counts over every image, then one division), so an image with
 more ground truth weighs more; the per-image values are also returned for tables and plots.
@@ -13,6 +11,8 @@ more ground truth weighs more; the per-image values are also returned for tables
 import math
 
 import torch
+
+from ..formulas import occlusion_iou_counts
 
 
 def _check(name, t, shape=None, dtype=None):
@@ -55,9 +55,8 @@ def image_counts(pred, gt, valid=None, occlusion=None, occ_mask=None):
         raise ValueError("occlusion and occ_mask: pass both (for the occlusion IoU) or neither")
     if occlusion is not None:
         _check("occlusion", occlusion, gt.shape, "float")
-        p = occlusion > 0.5
-        out["occ_inter"] = int((p & occ_mask).sum() + (~p & valid).sum())
-        out["occ_union"] = int(((p & valid) | occ_mask).sum() + ((~p & occ_mask) | valid).sum())
+        inter, union = occlusion_iou_counts(occlusion, occ_mask, valid)
+        out["occ_inter"], out["occ_union"] = int(inter), int(union)
     return out
 
 

@@ -19,6 +19,8 @@ from torch import nn
 
 from .augment import PUBLISHED_RECIPE, training_transform
 
+KEYS = ("loss", "rr", "l1_raw", "l1", "occ_be")  # sttr_loss's terms, as metrics.csv columns
+
 
 class ResumeError(Exception):
     pass
@@ -128,7 +130,7 @@ def train(data, out, *, dataset_name, preset="sttr", checkpoint=None, resume=Non
         aug.epoch = epoch
         g.manual_seed(hash((seed, epoch)) % 2**62)
         steps = len(loader) if max_steps is None else min(max_steps, len(loader))
-        sums, t0, n = {}, time.perf_counter(), 0
+        sums, t0, n, report = None, time.perf_counter(), 0, max(1, steps // 50)
         for i, batch in enumerate(loader):
             if i >= steps:
                 break
@@ -144,21 +146,22 @@ def train(data, out, *, dataset_name, preset="sttr", checkpoint=None, resume=Non
             nn.utils.clip_grad_norm_(model.parameters(), recipe["clip_max_norm"])
             scaler.step(opt)
             scaler.update()
-            with torch.no_grad():
+            with torch.no_grad():  # the step's figures stay on the device; one transfer per report
                 valid = batch["disp"] > 0
                 if batch.get("occ_mask") is not None:
                     valid = valid & ~batch["occ_mask"]
-                epe = float((outputs["disparity"].float() - batch["disp"]).abs()[valid].mean()) if valid.any() \
-                    else math.nan
-            for k in ("loss", "rr", "l1_raw", "l1", "occ_be"):
-                sums[k] = sums.get(k, 0.0) + float(losses[k].detach())
-            sums["epe"] = sums.get("epe", 0.0) + epe
+                err = (outputs["disparity"].float() - batch["disp"]).abs()
+                epe = torch.where(valid, err, 0.0).sum() / valid.sum()  # NaN when no pixel has ground truth
+                step = torch.stack([losses[k].detach().float() for k in KEYS] + [epe])
+            sums = step if sums is None else sums + step
             n += 1
-            if progress is not None:
-                progress(i + 1, steps, f"epoch {epoch} loss {sums['loss'] / n:.3f} EPE {sums['epe'] / n:.2f} px")
+            if progress is not None and (n == steps or n % report == 0):
+                mean = dict(zip(KEYS + ("epe",), (sums / n).tolist()))
+                progress(n, steps, f"epoch {epoch} loss {mean['loss']:.3f} EPE {mean['epe']:.2f} px")
         if decay:
             sched.step()
-        row = {"epoch": epoch, "steps": n, **{k: v / max(n, 1) for k, v in sums.items()},
+        means = dict(zip(KEYS + ("epe",), (sums / n).tolist())) if n else {}
+        row = {"epoch": epoch, "steps": n, **means,
                "lr": opt.param_groups[0]["lr"], "seconds": round(time.perf_counter() - t0, 3)}
         rows.append(row)
         new = not os.path.exists(path)
